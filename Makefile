@@ -1,0 +1,38 @@
+# The two commands a new user runs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export HYDRA_FULL_ERROR := 1
+
+.PHONY: demo test test-fast test-full install clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the main job: the whole offline demo pipeline under DVC.
+demo: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init -q $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/recall summary
+
+## Run the test suite (slow end-to-end tests included).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## Unit tests only.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-full: test

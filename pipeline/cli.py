@@ -1,0 +1,139 @@
+"""``recall``: run one pipeline step from the command line (what dvc.yaml calls).
+
+Every command reads the composed ``params.yaml`` (``--params``) or, given Hydra
+overrides such as ``dataset=imagefolder dataset.root=/data``, composes ``conf/`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.compat import disable_telemetry
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="Composed params file (DVC's params.yaml).")
+OverridesArg = typer.Argument(None, help="Hydra overrides, e.g. dataset=cifar100 seed=1 (composes conf/ instead of reading --params).")
+
+
+def _config(params: Path, overrides: Optional[list[str]]):
+    from pipeline import config
+
+    return config.load(params, overrides or None)
+
+
+def _run(fn):
+    """Run a step; turn the errors users cause into one clear line and exit code 2."""
+    from pipeline.backbone import BackboneError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.embed import EmbeddingMismatch
+    from pipeline.split import SplitError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    disable_telemetry()
+    # Libraries (open_clip logs on the root logger, MLflow's migrations) stay at WARNING.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.command()
+def prepare(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Prepare the dataset: images (demo) and per-split manifests."""
+    from pipeline import steps
+
+    result = _run(lambda: steps.run_prepare(_config(params, overrides)))
+    typer.echo(result)
+
+
+@app.command()
+def split(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Draw the class-incremental task split from the seed."""
+    from pipeline import steps
+
+    result = _run(lambda: steps.run_split(_config(params, overrides)))
+    for t, names in enumerate(result["task_class_names"]):
+        typer.echo(f"task {t + 1}: {', '.join(names)}")
+
+
+@app.command()
+def backbone(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Materialise the CLIP backbone (pretrain the demo one) into one weights file."""
+    from pipeline import steps
+
+    info = _run(lambda: steps.run_backbone(_config(params, overrides)))
+    typer.echo(f"backbone {info['arch']} sha256 {info['sha256']}")
+    for key, value in info["metrics"].items():
+        typer.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+@app.command()
+def embed(
+    split_name: str = typer.Option(..., "--split", "-s", help="Dataset split to embed (train, test)."),
+    params: Path = ParamsOption,
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Embed every image of one split with the frozen image encoder."""
+    from pipeline import steps
+
+    index = _run(lambda: steps.run_embed(_config(params, overrides), split_name))
+    typer.echo(
+        f"{split_name}: {index['n_samples']} embeddings, {len(index['skipped'])} skipped, "
+        f"{index['images_per_second']:.1f} img/s end to end"
+        + (" (reused)" if index["reused"] else "")
+    )
+
+
+@app.command("embed-text")
+def embed_text(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Encode every class name with the dataset's prompt templates."""
+    from pipeline import steps
+
+    result = _run(lambda: steps.run_embed_text(_config(params, overrides)))
+    typer.echo(result)
+
+
+@app.command()
+def summary(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Print what the pipeline has produced so far."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.summary(_config(params, overrides))))
+
+
+@app.command("compose-params")
+def compose_params(
+    output: Path = typer.Option(Path("params.yaml"), "--output", "-o"),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Write conf/'s default composition (plus overrides) to params.yaml."""
+    from pipeline import config
+
+    def write():
+        raw = config.compose(overrides or [])
+        config.validate(raw, source="composed config")
+        config.write_params(output, raw)
+
+    _run(write)
+    typer.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

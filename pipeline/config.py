@@ -1,0 +1,351 @@
+"""The one typed, validated config object that reaches every step.
+
+Configs come from Hydra groups under ``conf/`` (composed with overrides) or from the
+composed ``params.yaml`` that DVC reads. Either way they are validated here: an unknown
+key, an unknown group option, or a value of the wrong type or range is a ``ConfigError``
+that names the key and, for group options, lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROUPS = ("dataset", "backbone", "method", "generator", "tracking")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ShapesWorld(_Strict):
+    colors: list[str] = Field(min_length=2)
+    shapes: list[str] = Field(min_length=2)
+    image_size: int = Field(ge=16, le=512)
+    train_per_class: int = Field(ge=2)
+    test_per_class: int = Field(ge=1)
+    pretrain_per_class: int = Field(ge=1)
+    holdout_pairs: list[str] = []
+    noise: float = Field(ge=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _holdout_pairs_exist(self) -> "ShapesWorld":
+        names = {f"{c} {s}" for c in self.colors for s in self.shapes}
+        for pair in self.holdout_pairs:
+            if pair not in names:
+                raise ValueError(
+                    f"holdout pair {pair!r} is not a colour-shape class; classes are "
+                    f"'<colour> <shape>' with colours {self.colors} and shapes {self.shapes}"
+                )
+        return self
+
+
+class _DatasetBase(_Strict):
+    templates: list[str] = Field(min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str]) -> list[str]:
+        for template in templates:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+        return templates
+
+
+class ShapesDataset(_DatasetBase):
+    name: Literal["shapes"]
+    shapes: ShapesWorld
+
+
+class ImageFolderDataset(_DatasetBase):
+    name: Literal["imagefolder"]
+    root: str
+    manifest: str | None = None
+    names_file: str | None = None
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class Cifar100Dataset(_DatasetBase):
+    name: Literal["cifar100"]
+    root: str
+    download: bool = False
+
+
+class ImageNetRDataset(_DatasetBase):
+    name: Literal["imagenet_r"]
+    root: str
+    names_file: str | None = None
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+DatasetConfig = Annotated[
+    Union[ShapesDataset, ImageFolderDataset, Cifar100Dataset, ImageNetRDataset],
+    Field(discriminator="name"),
+]
+
+# --------------------------------------------------------------------------- backbone
+
+
+class PretrainConfig(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    seed: int = 0
+
+
+class BackboneConfig(_Strict):
+    name: str
+    arch: str
+    # pretrain: the demo's tiny CLIP trained here; hub: open_clip pretrained tag;
+    # file: a local checkpoint file.
+    source: Literal["pretrain", "hub", "file"]
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    pretrain: PretrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _source_has_what_it_needs(self) -> "BackboneConfig":
+        if self.source == "hub" and not self.pretrained:
+            raise ValueError("source 'hub' needs 'pretrained' (an open_clip tag such as 'openai')")
+        if self.source == "file" and not self.checkpoint:
+            raise ValueError("source 'file' needs 'checkpoint' (a path to a local weights file)")
+        if self.source == "pretrain" and self.pretrain is None:
+            raise ValueError("source 'pretrain' needs a 'pretrain' section")
+        return self
+
+
+# --------------------------------------------------------------------------- method
+
+
+class PromptConfig(_Strict):
+    n_ctx: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    per_class_per_epoch: int = Field(ge=1)
+
+
+class HeadConfig(_Strict):
+    mc_train: int = Field(ge=1)
+    mc_test: int = Field(ge=1)
+    kl_weight: float = Field(ge=0)
+    lang_weight: float = Field(ge=0)
+    prior: Literal["standard", "clip"]
+    balanced_finetune_epochs: int = Field(ge=0)
+    balanced_finetune_lr_scale: float = Field(gt=0)
+
+
+class MethodConfig(_Strict):
+    name: Literal["zeroshot", "sequential", "cgil", "clap", "joint"]
+    train_on: Literal["none", "current_real", "replay", "all_real"]
+    prompt: PromptConfig | None = None
+    head: HeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MethodConfig":
+        if self.train_on != "none" and self.prompt is None:
+            raise ValueError(f"method {self.name!r} trains prompts and needs a 'prompt' section")
+        if self.name == "clap" and self.head is None:
+            raise ValueError("method 'clap' needs a 'head' section")
+        return self
+
+
+# --------------------------------------------------------------------------- generator
+
+
+class VaeGenerator(_Strict):
+    name: Literal["vae"]
+    hidden: int = Field(ge=1)
+    latent: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    samples_per_class: int = Field(ge=1)
+    chunk_classes: int | None = Field(default=None, ge=1)
+
+
+class GaussGenerator(_Strict):
+    name: Literal["gauss"]
+    samples_per_class: int = Field(ge=1)
+
+
+class MogGenerator(_Strict):
+    name: Literal["mog"]
+    components: int = Field(ge=1)
+    samples_per_class: int = Field(ge=1)
+
+
+GeneratorConfig = Annotated[
+    Union[VaeGenerator, GaussGenerator, MogGenerator], Field(discriminator="name")
+]
+
+# --------------------------------------------------------------------------- the rest
+
+
+class SplitConfig(_Strict):
+    n_tasks: int = Field(ge=1)
+    class_order: list[str] | list[int] | None = None
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class EmbedConfig(_Strict):
+    batch_size: int = Field(ge=1)
+    num_workers: int = Field(ge=0)
+    chunk_size: int = Field(ge=1)
+    on_bad_image: Literal["error", "skip"] = "error"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+
+
+class PathsConfig(_Strict):
+    prepared: str
+    split: str
+    backbone: str
+    embeddings: str
+    metrics: str
+
+
+class Config(_Strict):
+    seed: int
+    dataset: DatasetConfig
+    split: SplitConfig
+    backbone: BackboneConfig
+    method: MethodConfig
+    generator: GeneratorConfig
+    tracking: TrackingConfig
+    embed: EmbedConfig
+    paths: PathsConfig
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all but tracking when none are named)."""
+        data = self.model_dump(mode="json")
+        keys = sections or tuple(k for k in data if k != "tracking")
+        blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: $RECALL_CONF_DIR, else ./conf, else the repo's conf/."""
+    if env := os.environ.get("RECALL_CONF_DIR"):
+        return Path(env).resolve()
+    local = Path.cwd() / "conf"
+    if (local / "config.yaml").exists():
+        return local.resolve()
+    return (Path(__file__).resolve().parent.parent / "conf").resolve()
+
+
+def group_options(group: str, directory: Path | None = None) -> list[str]:
+    directory = directory or conf_dir()
+    return sorted(p.stem for p in (directory / group).glob("*.yaml"))
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Turn a plain dict into a Config, or raise ConfigError naming the key at fault."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, raw, source)) from None
+
+
+def _explain(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for error in exc.errors():
+        # Drop the discriminator tags pydantic inserts into the location.
+        loc = [str(p) for p in error["loc"]]
+        group = loc[0] if loc else ""
+        tagged = raw.get(group, {}).get("name") if isinstance(raw.get(group), dict) else None
+        loc = [p for i, p in enumerate(loc) if not (i == 1 and tagged is not None and p == tagged)]
+        key = ".".join(loc) or "<root>"
+        if error["type"] == "union_tag_invalid" or (
+            error["type"] == "literal_error" and loc[-1:] == ["name"] and group in GROUPS
+        ):
+            options = ", ".join(group_options(group)) or "none found"
+            value = raw.get(group, {}).get("name") if isinstance(raw.get(group), dict) else None
+            lines.append(f"  {group}: unknown option {value!r}; valid options: {options}")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif error["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def compose(overrides: list[str] | None = None, directory: Path | None = None) -> dict[str, Any]:
+    """Compose conf/config.yaml with Hydra overrides into a plain dict (not validated)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = (directory or conf_dir()).resolve()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{directory}: {exc}") from None
+    return data  # type: ignore[return-value]
+
+
+def load(params: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """The config a step runs with.
+
+    With overrides, compose the Hydra groups; otherwise read the composed params file
+    (what `dvc repro` and `dvc exp run -S` produce).
+    """
+    if overrides or params is None:
+        return validate(compose(overrides), source=f"{conf_dir()}/config.yaml")
+    path = Path(params)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    _reject_missing_markers(raw, str(path))
+    return validate(raw, source=str(path))
+
+
+def _reject_missing_markers(raw: Any, source: str, prefix: str = "") -> None:
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            _reject_missing_markers(value, source, f"{prefix}{key}.")
+    elif raw == "???":
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: required value is not set ('???')")
+
+
+def write_params(path: str | Path, raw: dict[str, Any]) -> None:
+    """Write a composed config as params.yaml (atomically)."""
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -1,0 +1,302 @@
+"""The embed step: CLIP image embeddings per split and class text features.
+
+Image embeddings are stored raw (not normalised) in bounded chunks,
+``<embeddings>/<split>/part-NNNNN.safetensors`` with ``embeddings``, ``labels`` and
+``sample_ids`` (row numbers of the split's manifest), plus ``index.json`` written last.
+They depend on (dataset, split, backbone weights) only: class order and method never
+enter, so one cache serves every experiment. Each file carries the sha256 of the backbone
+weights that made it, and readers refuse files made with other weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.backbone import Backbone
+from pipeline.data.manifest import Prepared, Sample
+from pipeline.data.prepare import DataError
+from pipeline.io import atomic_dir, read_json, read_tensor_metadata, read_tensors, write_json, write_tensors
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+TEXT_FILE = "text.safetensors"
+
+
+class EmbeddingMismatch(RuntimeError):
+    """An embedding file that does not belong to the current backbone or dataset."""
+
+
+class BadImage(DataError):
+    pass
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageDataset(Dataset):
+    """Decoded, preprocessed images of a manifest; a bad image is reported, not raised,
+    so the main process can name it (or skip it) instead of a worker dying."""
+
+    def __init__(self, prepared: Prepared, samples: list[Sample], preprocess):
+        self.prepared = prepared
+        self.samples = samples
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path = self.prepared.image_path(self.samples[index])
+        try:
+            with Image.open(path) as image:
+                tensor = self.preprocess(image.convert("RGB"))
+        except Exception as exc:  # PIL raises several types for unreadable files
+            return None, index, f"{path}: {type(exc).__name__}: {exc}"
+        return tensor, index, None
+
+
+def collate_images(batch):
+    good = [(x, i) for x, i, err in batch if err is None]
+    bad = [(i, err) for _, i, err in batch if err is not None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    indices = torch.tensor([i for _, i in good], dtype=torch.long)
+    return images, indices, bad
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- image embeddings
+
+
+def embed_split(
+    prepared: Prepared,
+    split: str,
+    backbone: Backbone,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    chunk_size: int = 8192,
+    on_bad_image: str = "error",
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every image of ``split``; reuse ``out`` when it already matches."""
+    out = Path(out)
+    wanted = {
+        "split": split,
+        "backbone_sha256": backbone.sha256,
+        "dataset_fingerprint": prepared.fingerprint,
+        "chunk_size": chunk_size,
+        "on_bad_image": on_bad_image,
+    }
+    if (out / INDEX_FILE).exists():
+        existing = read_json(out / INDEX_FILE)
+        if all(existing.get(k) == v for k, v in wanted.items()):
+            log.info("%s: embeddings already match the backbone and data; reusing", out)
+            return {**existing, "reused": True}
+
+    samples = prepared.samples(split)
+    model = backbone.model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        ImageDataset(prepared, samples, backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    metadata = {
+        "backbone_sha256": backbone.sha256,
+        "dataset_fingerprint": prepared.fingerprint,
+        "split": split,
+    }
+    skipped: list[str] = []
+    parts: list[dict[str, Any]] = []
+    buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+    buffered = 0
+    encode_seconds = 0.0
+    start = time.perf_counter()
+
+    with atomic_dir(out) as tmp:
+
+        def flush(final: bool = False) -> None:
+            """Write full parts of exactly ``chunk_size`` rows (and, at the end, the rest)."""
+            nonlocal buffer, buffered
+            if not buffered:
+                return
+            embeddings = torch.cat([e for e, _ in buffer])
+            ids = torch.cat([i for _, i in buffer])
+            cut = len(ids) if final else (len(ids) // chunk_size) * chunk_size
+            for start in range(0, cut, chunk_size):
+                part_ids = ids[start : start + chunk_size]
+                labels = torch.tensor([samples[i].label for i in part_ids.tolist()], dtype=torch.long)
+                name = f"part-{len(parts):05d}.safetensors"
+                write_tensors(
+                    tmp / name,
+                    {"embeddings": embeddings[start : start + chunk_size], "labels": labels, "sample_ids": part_ids},
+                    metadata={**metadata, "part": str(len(parts))},
+                )
+                parts.append({"file": name, "n": int(part_ids.numel())})
+            buffer = [(embeddings[cut:], ids[cut:])] if cut < len(ids) else []
+            buffered = len(ids) - cut
+
+        with torch.inference_mode():
+            for images, indices, bad in tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress):
+                for index, error in bad:
+                    if on_bad_image == "error":
+                        raise BadImage(f"unreadable image in {split} (sample {samples[index].sample_id}): {error}")
+                    log.warning("skipping unreadable image: %s", error)
+                    skipped.append(samples[index].sample_id)
+                if images is None:
+                    continue
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                t0 = time.perf_counter()
+                with autocast_for(device, precision):
+                    features = model.encode_image(images)
+                features = features.float().cpu()
+                encode_seconds += time.perf_counter() - t0
+                buffer.append((features, indices))
+                buffered += len(indices)
+                if buffered >= chunk_size:
+                    flush()
+            flush(final=True)
+
+        elapsed = time.perf_counter() - start
+        n = sum(p["n"] for p in parts)
+        if n == 0:
+            raise DataError(f"{split}: no readable images ({len(skipped)} skipped)")
+        index = {
+            **wanted,
+            "dim": backbone.embed_dim,
+            "n_samples": n,
+            "n_classes": len(prepared.classes),
+            "parts": parts,
+            "skipped": skipped,
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(n / elapsed, 2),
+            "encode_images_per_second": round(n / max(encode_seconds, 1e-9), 2),
+        }
+        write_json(tmp / INDEX_FILE, index)
+    return {**index, "reused": False}
+
+
+def read_index(folder: str | Path, expected_backbone_sha256: str | None = None) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.exists():
+        raise EmbeddingMismatch(f"{path}: missing; the embeddings in {folder} are incomplete or absent (run the embed step)")
+    index = read_json(path)
+    if expected_backbone_sha256 is not None and index["backbone_sha256"] != expected_backbone_sha256:
+        raise EmbeddingMismatch(
+            f"{folder}: embeddings were made with backbone weights {index['backbone_sha256'][:12]}, "
+            f"but the current backbone is {expected_backbone_sha256[:12]}; re-run the embed step"
+        )
+    return index
+
+
+def load_embeddings(
+    folder: str | Path,
+    expected_backbone_sha256: str,
+    classes: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Embeddings of one split, optionally only the given classes (a task's view).
+
+    Parts are read one at a time and filtered, so memory holds only what is returned.
+    """
+    folder = Path(folder)
+    index = read_index(folder, expected_backbone_sha256)
+    wanted = torch.tensor(sorted(classes), dtype=torch.long) if classes is not None else None
+    chunks: dict[str, list[torch.Tensor]] = {"embeddings": [], "labels": [], "sample_ids": []}
+    for part in index["parts"]:
+        path = folder / part["file"]
+        meta = read_tensor_metadata(path)
+        if meta.get("backbone_sha256") != expected_backbone_sha256:
+            raise EmbeddingMismatch(
+                f"{path}: made with backbone weights {meta.get('backbone_sha256', '?')[:12]}, "
+                f"expected {expected_backbone_sha256[:12]}; re-run the embed step"
+            )
+        tensors = read_tensors(path)
+        keep = torch.isin(tensors["labels"], wanted) if wanted is not None else slice(None)
+        for key in chunks:
+            chunks[key].append(tensors[key][keep])
+    return {key: torch.cat(values) if values else torch.empty(0) for key, values in chunks.items()}
+
+
+# --------------------------------------------------------------------------- text features
+
+
+@torch.inference_mode()
+def class_text_features(
+    backbone: Backbone, classes: list[str], templates: list[str], batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w_c = norm(mean_j norm(E_T(template_j(c))))`` and the per-template features."""
+    model = backbone.model
+    device = next(model.parameters()).device
+    texts = [template.format(name) for name in classes for template in templates]
+    features = []
+    for start in range(0, len(texts), batch_size):
+        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(device)
+        features.append(model.encode_text(tokens).float())
+    per_template = torch.nn.functional.normalize(torch.cat(features), dim=-1)
+    per_template = per_template.view(len(classes), len(templates), -1)
+    class_features = torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
+    return class_features.cpu(), per_template.cpu()
+
+
+def write_text_features(prepared: Prepared, backbone: Backbone, out: str | Path) -> dict[str, Any]:
+    class_features, per_template = class_text_features(backbone, prepared.classes, prepared.templates)
+    write_tensors(
+        out,
+        {"class_features": class_features, "template_features": per_template},
+        metadata={
+            "backbone_sha256": backbone.sha256,
+            "dataset_fingerprint": prepared.fingerprint,
+            "n_classes": str(len(prepared.classes)),
+            "n_templates": str(len(prepared.templates)),
+        },
+    )
+    return {"n_classes": len(prepared.classes), "n_templates": len(prepared.templates)}
+
+
+def load_text_features(path: str | Path, expected_backbone_sha256: str) -> dict[str, torch.Tensor]:
+    meta = read_tensor_metadata(path)
+    if meta.get("backbone_sha256") != expected_backbone_sha256:
+        raise EmbeddingMismatch(
+            f"{path}: text features were made with backbone weights {meta.get('backbone_sha256', '?')[:12]}, "
+            f"expected {expected_backbone_sha256[:12]}; re-run the embed step"
+        )
+    return read_tensors(path)
+
+
+def zero_shot_accuracy(image_embeddings: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor) -> float:
+    if labels.numel() == 0:
+        return float("nan")
+    logits = torch.nn.functional.normalize(image_embeddings.float(), dim=-1) @ class_features.float().T
+    return (logits.argmax(dim=-1) == labels).float().mean().item()

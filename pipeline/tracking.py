@@ -1,0 +1,182 @@
+"""MLflow tracking used by every step.
+
+One experiment per (dataset, backbone). One parent run per pipeline run, found again by
+every step process through its ``recall.pipeline_key`` tag; one child run per step
+execution, tagged with step and task. The default store is a sqlite file inside the
+project; ``tracking.uri`` in config, else ``MLFLOW_TRACKING_URI``, switches to a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.compat import disable_telemetry
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+PIPELINE_KEY_TAG = "recall.pipeline_key"
+LOCAL_DB = "mlflow.db"
+LOCAL_ARTIFACTS = "mlartifacts"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env
+    return f"sqlite:///{project_root() / LOCAL_DB}"
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"recall-{cfg.dataset.name}-{cfg.backbone.name}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=project_root(), timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pipeline_key(cfg: Config) -> str:
+    """What identifies one pipeline run across the step processes that make it up.
+
+    An orchestrator can name it (``RECALL_PIPELINE_RUN``); a DVC experiment is named by
+    DVC; a plain ``dvc repro`` is identified by its config and code version.
+    """
+    if explicit := os.environ.get("RECALL_PIPELINE_RUN"):
+        return explicit
+    if dvc_exp := os.environ.get("DVC_EXP_NAME"):
+        return f"dvc-exp:{dvc_exp}"
+    return f"config:{cfg.fingerprint()}@{(git_commit() or 'nogit')[:12]}"
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class StepRun:
+    """The MLflow run of one step execution."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.log_metric(key, value, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for key, value in _flatten(params).items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Tracker:
+    def __init__(self, cfg: Config):
+        disable_telemetry()
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment()
+        self.commit = git_commit()
+
+    def _experiment(self) -> str:
+        name = experiment_name(self.cfg)
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:"):
+            artifact_location = (project_root() / LOCAL_ARTIFACTS).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            # Another step process created it in the meantime.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _common_tags(self) -> dict[str, str]:
+        tags = {
+            "recall.dataset": self.cfg.dataset.name,
+            "recall.backbone": self.cfg.backbone.name,
+            "recall.method": self.cfg.method.name,
+            "recall.config_hash": self.cfg.fingerprint(),
+        }
+        if self.commit:
+            tags["mlflow.source.git.commit"] = self.commit
+        return tags
+
+    def parent_run_id(self) -> str:
+        key = pipeline_key(self.cfg)
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1
+        )
+        if runs:
+            return runs[0].info.run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"pipeline {self.cfg.dataset.name}/{self.cfg.backbone.name} {self.cfg.method.name} seed={self.cfg.seed}",
+            tags={**self._common_tags(), PIPELINE_KEY_TAG: key, "recall.role": "pipeline"},
+        )
+        self.client.log_param(run.info.run_id, "seed", self.cfg.seed)
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def step(self, name: str, task: int | None = None, params: Mapping[str, Any] | None = None) -> Iterator[StepRun]:
+        parent = self.parent_run_id()
+        run_name = f"task-{task + 1:02d}/{name}" if task is not None else name
+        tags = {
+            **self._common_tags(),
+            "mlflow.parentRunId": parent,
+            "recall.role": "step",
+            "recall.step": name,
+        }
+        if task is not None:
+            tags["recall.task"] = str(task + 1)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.client.update_run(parent, status="RUNNING")
+        step_run = StepRun(self.client, run.info.run_id)
+        if params:
+            step_run.log_params(params)
+        status = "FAILED"
+        try:
+            yield step_run
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run.info.run_id, status)
+            self.client.set_terminated(parent, status)

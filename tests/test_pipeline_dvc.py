@@ -1,0 +1,134 @@
+"""The real entry point, end to end: `dvc repro` on a tiny demo in a temporary repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, venv_bin
+
+pytestmark = pytest.mark.slow
+
+TINY_CONFIG = {
+    "dataset": {
+        "shapes": {
+            "colors": ["red", "green", "blue"],
+            "shapes": ["circle", "square", "triangle"],
+            "holdout_pairs": ["green square"],
+            "train_per_class": 6,
+            "test_per_class": 3,
+            "pretrain_per_class": 6,
+        }
+    },
+    "split": {"n_tasks": 3},
+    "backbone": {"pretrain": {"epochs": 1, "batch_size": 16, "warmup_steps": 1}},
+    "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 10},
+}
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RECALL_CONF_DIR", None)
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env['PATH']}"
+    env.update(
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    return env
+
+
+def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A copy of the project (code, conf, dvc.yaml) shrunk to a tiny world, under git + DVC."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    config = yaml.safe_load((root / "conf/config.yaml").read_text())
+    config.update(
+        {k: v for k, v in TINY_CONFIG.items() if k not in config}
+    )
+    config["embed"].update(TINY_CONFIG["embed"])
+    (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _sh(root, "git", "init", "-q")
+    _sh(root, "dvc", "init", "-q")
+    _sh(root, "dvc", "config", "hydra.enabled", "true")
+    _sh(root, "recall", "compose-params")
+    _sh(root, "git", "add", "-A")
+    _sh(root, "git", "commit", "-qm", "tiny")
+    return root
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_dvc_repro_runs_the_demo_then_nothing(repo):
+    first = _sh(repo, "dvc", "repro")
+    assert _ran(first.stdout) == {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text"}
+    for path in ("data/prepared/classes.json", "data/split.json", "models/backbone/weights.safetensors",
+                 "data/embeddings/train/index.json", "data/embeddings/test/index.json",
+                 "data/embeddings/text.safetensors", "metrics/backbone.json"):
+        assert (repo / path).exists(), path
+    assert json.loads((repo / "data/embeddings/train/index.json").read_text())["n_samples"] == 54
+    metrics = json.loads((repo / "metrics/backbone.json").read_text())
+    assert {"zeroshot_acc_pretrain_pairs", "zeroshot_acc_heldout_pairs", "chance"} <= set(metrics)
+
+    second = _sh(repo, "dvc", "repro")
+    assert _ran(second.stdout) == set()
+    assert "up to date" in _sh(repo, "dvc", "status").stdout
+
+    shown = _sh(repo, "dvc", "metrics", "show", "--json").stdout
+    assert "zeroshot_acc_heldout_pairs" in shown
+
+    # A new seed changes the class order: the split re-runs, no embedding stage does.
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "commit", "-qm", "lock")
+    exp = _sh(repo, "dvc", "exp", "run", "-S", "seed=1")
+    assert _ran(exp.stdout) == {"split"}
+    assert json.loads((repo / "data/split.json").read_text())["seed"] == 1
+    # And the run appears in MLflow under the experiment's own pipeline run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    keys = {r.data.tags.get("recall.pipeline_key") for r in runs if r.data.tags.get("recall.role") == "pipeline"}
+    assert any(k.startswith("dvc-exp:") for k in keys) and any(k.startswith("config:") for k in keys)
+
+
+def test_killed_step_leaves_nothing_a_rerun_would_trust(repo):
+    _sh(repo, "recall", "prepare")
+    before = (repo / "data/prepared/classes.json").read_text()
+    # A much larger world takes long enough to be killed half-way through.
+    process = subprocess.Popen(
+        ["recall", "prepare", "dataset.shapes.train_per_class=3000"],
+        cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((repo / "data").glob(".prepared.*.tmp/images/train")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert process.poll() is None, "the step finished before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (repo / "data/prepared/classes.json").read_text() == before
+    # A rerun replaces the leftovers and finishes.
+    _sh(repo, "recall", "prepare")
+    assert not list((repo / "data").glob(".prepared*"))
