@@ -33,11 +33,17 @@ def _run(fn):
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.embed import EmbeddingMismatch
+    from pipeline.generators import GeneratorError
+    from pipeline.prompts import PromptError
     from pipeline.split import SplitError
+    from pipeline.steps import TaskInputError
 
     try:
         return fn()
-    except (ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, FileNotFoundError) as exc:
+    except (
+        ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
+        TaskInputError, FileNotFoundError,
+    ) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
 
@@ -108,6 +114,58 @@ def embed_text(params: Path = ParamsOption, overrides: Optional[list[str]] = Ove
 
     result = _run(lambda: steps.run_embed_text(_config(params, overrides)))
     typer.echo(result)
+
+
+TaskOption = typer.Option(..., "--task", "-t", help="Task number, from 1.")
+
+
+@app.command("generators")
+def fit_generators(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Fit the per-class generators of one task's classes."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.run_fit_generators(_config(params, overrides), task)))
+
+
+@app.command()
+def replay(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Draw the synthetic replay pool of every class seen up to a task."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.run_replay(_config(params, overrides), task)))
+
+
+@app.command("prompts-init")
+def prompts_init(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Write the untrained prompt state (task 0)."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.run_init_prompts(_config(params, overrides))))
+
+
+@app.command()
+def finetune(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Train the prompts of every seen class at one task."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.run_finetune(_config(params, overrides), task)))
+
+
+@app.command()
+def evaluate(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Evaluate after one task on every task's test embeddings."""
+    from pipeline import steps
+
+    result = _run(lambda: steps.run_evaluate(_config(params, overrides), task))
+    typer.echo(f"task {task}: accuracy over seen classes {100 * result['step_accuracy']:.1f}%")
+
+
+@app.command()
+def report(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Summarise the run: metrics, plots and a table."""
+    from pipeline import steps
+
+    typer.echo(steps.format_report(_run(lambda: steps.run_report(_config(params, overrides)))))
 
 
 @app.command()

@@ -200,9 +200,27 @@ GeneratorConfig = Annotated[
 # --------------------------------------------------------------------------- the rest
 
 
+class TaskLink(_Strict):
+    task: int
+    previous: str
+
+
 class SplitConfig(_Strict):
     n_tasks: int = Field(ge=1)
     class_order: list[str] | list[int] | None = None
+    tasks: dict[str, TaskLink]
+
+    @model_validator(mode="after")
+    def _tasks_follow_n_tasks(self) -> "SplitConfig":
+        from hydra_plugins.recall_resolvers import task_chain
+
+        expected = task_chain(self.n_tasks)
+        if {k: v.model_dump() for k, v in self.tasks.items()} != expected:
+            raise ValueError(
+                f"split.tasks must be the chain derived from split.n_tasks={self.n_tasks} "
+                "(${recall_task_chain:${split.n_tasks}}); change split.n_tasks instead"
+            )
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -224,7 +242,12 @@ class PathsConfig(_Strict):
     split: str
     backbone: str
     embeddings: str
+    generators: str
+    replay: str
+    prompts: str
     metrics: str
+    evaluations: str
+    plots: str
 
 
 class Config(_Strict):
@@ -300,6 +323,7 @@ def _explain(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
 
 def compose(overrides: list[str] | None = None, directory: Path | None = None) -> dict[str, Any]:
     """Compose conf/config.yaml with Hydra overrides into a plain dict (not validated)."""
+    import hydra_plugins.recall_resolvers  # noqa: F401  (registers ${recall_task_chain:...})
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException

@@ -67,8 +67,18 @@ def load_split(path: str | Path) -> dict:
     return read_json(path)
 
 
+def check_task(split: dict, task: int) -> None:
+    if not 1 <= task <= split["n_tasks"]:
+        raise SplitError(f"task {task} is outside the split (tasks 1..{split['n_tasks']})")
+
+
 def task_classes(split: dict, task: int) -> list[int]:
-    """Classes of task ``task`` (0-based)."""
-    if not 0 <= task < split["n_tasks"]:
-        raise SplitError(f"task index {task} is outside the split (tasks 0..{split['n_tasks'] - 1})")
-    return list(split["tasks"][task])
+    """Classes of task ``task`` (numbered from 1)."""
+    check_task(split, task)
+    return list(split["tasks"][task - 1])
+
+
+def seen_classes(split: dict, task: int) -> list[int]:
+    """Classes of tasks 1..``task``, in task order."""
+    check_task(split, task)
+    return [c for t in split["tasks"][:task] for c in t]

@@ -7,6 +7,7 @@ writes its outputs atomically.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pipeline import embed as embed_lib
 from pipeline.config import Config
 from pipeline.data import load_prepared, prepare_dataset
 from pipeline.io import write_json
-from pipeline.split import load_split, make_split, write_split
+from pipeline.split import load_split, make_split, seen_classes, task_classes, write_split
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,286 @@ def run_embed_text(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+# --------------------------------------------------------------------------- per task
+
+
+def task_file(folder: str, task: int, suffix: str = ".safetensors") -> Path:
+    return Path(folder) / f"task-{task:02d}{suffix}"
+
+
+class TaskInputError(ValueError):
+    """Inputs of a per-task step that cannot be used; names the task and class."""
+
+
+def _train_embeddings(cfg: Config, sha256: str, classes: list[int]) -> dict[str, torch.Tensor]:
+    data = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "train", sha256, classes=classes)
+    finite = torch.isfinite(data["embeddings"]).all(dim=1)
+    if not finite.all():
+        bad = sorted(set(data["labels"][~finite].tolist()))
+        raise TaskInputError(f"NaN or inf in the train embeddings of class(es) {bad} ({cfg.paths.embeddings}/train)")
+    return data
+
+
+def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
+    """Fit the generators of task ``task``'s classes on their real train embeddings."""
+    import time
+
+    from pipeline import generators
+
+    _set_threads()
+    tracker = Tracker(cfg)
+    with tracker.step("generators", task=task, params={"generator": cfg.generator.model_dump(mode="json")}) as run:
+        split = load_split(cfg.paths.split)
+        classes = task_classes(split, task)
+        sha256 = backbone_lib.read_info(cfg.paths.backbone)["sha256"]
+        data = _train_embeddings(cfg, sha256, classes)
+        by_class = {c: data["embeddings"][data["labels"] == c] for c in classes}
+        names = load_prepared(cfg.paths.prepared).classes
+        for c, x in by_class.items():
+            if len(x) < 2:
+                raise TaskInputError(
+                    f"task {task}: class {c} ({names[c]!r}) has {len(x)} training embedding(s); "
+                    "a generator needs at least 2"
+                )
+        start = time.perf_counter()
+        try:
+            bank = generators.fit_bank(by_class, cfg.generator, seed=cfg.seed)
+        except generators.GeneratorError as exc:
+            raise TaskInputError(f"task {task}: {exc}") from None
+        seconds = time.perf_counter() - start
+        out = task_file(cfg.paths.generators, task)
+        generators.save_bank(out, bank, {"task": str(task), "backbone_sha256": sha256, "seconds": f"{seconds:.3f}"})
+        figures = {"fit_seconds": seconds, "fit_loss_mean": sum(bank.fit_loss) / len(bank.fit_loss)}
+        run.log_metrics(figures, step=task)
+        run.register_model(tracker.model_name(f"{bank.kind}-bank"), [out], tracker.version_tags(task))
+    return figures
+
+
+def run_replay(cfg: Config, task: int) -> dict[str, Any]:
+    """Draw the seeded replay pool of every class seen up to task ``task``."""
+    import time
+
+    from pipeline import generators
+    from pipeline.io import write_tensors
+
+    with Tracker(cfg).step("replay", task=task, params={"samples_per_class": cfg.generator.samples_per_class}) as run:
+        split = load_split(cfg.paths.split)
+        seen = seen_classes(split, task)
+        start = time.perf_counter()
+        xs, ys = [], []
+        for t in range(1, task + 1):
+            bank = generators.load_bank(task_file(cfg.paths.generators, t))
+            missing = sorted(set(task_classes(split, t)) - set(bank.class_ids))
+            if missing:
+                raise TaskInputError(f"task {t}: generator bank has no generator for class(es) {missing}")
+            x, y = bank.sample(cfg.generator.samples_per_class, seed=cfg.seed * 1000 + task)
+            xs.append(x)
+            ys.append(y)
+        embeddings, labels = torch.cat(xs), torch.cat(ys)
+        seconds = time.perf_counter() - start
+        write_tensors(
+            task_file(cfg.paths.replay, task),
+            {"embeddings": embeddings, "labels": labels},
+            metadata={"task": str(task), "seen": json.dumps(seen), "seconds": f"{seconds:.3f}"},
+        )
+        run.log_metrics({"replay_samples": len(labels), "replay_seconds": seconds}, step=task)
+    return {"samples": len(labels), "classes": len(seen)}
+
+
+def _prompt_learner(cfg: Config, backbone, text: dict[str, torch.Tensor]):
+    from pipeline.prompts import PromptLearner
+
+    n_ctx = cfg.method.prompt.n_ctx if cfg.method.prompt else 1
+    names = load_prepared(cfg.paths.prepared).classes
+    return PromptLearner(backbone.model, backbone.tokenizer, names, text["class_features"], n_ctx)
+
+
+def run_init_prompts(cfg: Config) -> dict[str, Any]:
+    """Task 0: the untrained prompt state every method starts from."""
+    from pipeline.prompts import save_prompt_state
+
+    with Tracker(cfg).step("prompts-init"):
+        backbone = backbone_lib.load_backbone(cfg.paths.backbone)
+        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
+        learner = _prompt_learner(cfg, backbone, text)
+        learner.reset(cfg.seed)
+        save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False)
+    return {"classes": int(learner.ctx.shape[0])}
+
+
+def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the method trains on at this task: nothing, real embeddings or the replay pool."""
+    from pipeline.io import read_tensors
+
+    train_on = cfg.method.train_on
+    if train_on == "none":
+        return None
+    if train_on in ("current_real", "all_real"):
+        classes = task_classes(split, task) if train_on == "current_real" else seen_classes(split, task)
+        data = _train_embeddings(cfg, sha256, classes)
+        return data["embeddings"], data["labels"]
+    path = task_file(cfg.paths.replay, task)
+    if not path.exists():
+        raise TaskInputError(f"task {task}: no replay pool at {path} (run the replay step)")
+    pool = read_tensors(path)
+    missing = sorted(set(seen_classes(split, task)) - set(pool["labels"].unique().tolist()))
+    if missing:
+        raise TaskInputError(f"task {task}: the replay pool {path} has no samples of seen class(es) {missing}")
+    if not torch.isfinite(pool["embeddings"]).all():
+        raise TaskInputError(f"task {task}: the replay pool {path} contains NaN or inf")
+    return pool["embeddings"], pool["labels"]
+
+
+def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
+    """Train the prompts of every class seen up to ``task``, from the previous task's state."""
+    import time
+
+    from pipeline.prompts import load_prompt_state, save_prompt_state, train_prompts
+
+    if cfg.method.head is not None:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"method {cfg.method.name!r}: the probabilistic head is not available in this version; "
+            "use method=cgil (the deterministic prompt learner) or another method"
+        )
+    _set_threads()
+    tracker = Tracker(cfg)
+    with tracker.step("finetune", task=task, params={"method": cfg.method.model_dump(mode="json")}) as run:
+        split = load_split(cfg.paths.split)
+        seen = seen_classes(split, task)
+        backbone = backbone_lib.load_backbone(cfg.paths.backbone)
+        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
+        learner = _prompt_learner(cfg, backbone, text)
+        state, previous = load_prompt_state(task_file(cfg.paths.prompts, task - 1))
+        expected_previous = seen_classes(split, task - 1) if task > 1 else []
+        if previous["seen"] != expected_previous:
+            raise TaskInputError(
+                f"task {task}: the previous prompt state ({task_file(cfg.paths.prompts, task - 1)}) covers "
+                f"classes {previous['seen']}, not those of tasks 1..{task - 1}; re-run the earlier tasks"
+            )
+        learner.load_trainable_state(state)
+        start = time.perf_counter()
+        training = _training_set(cfg, task, split, backbone.sha256)
+        losses: list[float] = []
+        if training is not None:
+            losses = train_prompts(
+                learner, *training, seen, cfg.method.prompt, backbone.model.logit_scale.exp().item(),
+                seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
+            )
+        seconds = time.perf_counter() - start
+        out = task_file(cfg.paths.prompts, task)
+        save_prompt_state(out, learner, seen=seen, trained=training is not None or previous["trained"],
+                          extra={"task": str(task), "seconds": f"{seconds:.3f}", "method": cfg.method.name})
+        figures = {"finetune_seconds": seconds, **({"final_loss": losses[-1]} if losses else {})}
+        run.log_metrics(figures, step=task)
+        if training is not None:
+            run.register_model(tracker.model_name("prompts"), [out], tracker.version_tags(task))
+    return figures
+
+
+def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
+    """Accuracy on every task's real test embeddings after training task ``task``."""
+    from pipeline.evaluate import evaluate_task
+    from pipeline.prompts import load_prompt_state
+
+    with Tracker(cfg).step("evaluate", task=task) as run:
+        split = load_split(cfg.paths.split)
+        backbone = backbone_lib.load_backbone(cfg.paths.backbone)
+        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
+        state, info = load_prompt_state(task_file(cfg.paths.prompts, task))
+        seen = seen_classes(split, task)
+        learned = None
+        if info["trained"]:
+            learner = _prompt_learner(cfg, backbone, text)
+            learner.load_trainable_state(state)
+            learner.eval()
+            with torch.no_grad():
+                features = learner.features(torch.tensor(seen))
+            learned = dict(zip(seen, features))
+        test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
+        result = evaluate_task(task, split["tasks"], test["embeddings"], test["labels"], text["class_features"], learned)
+        result["seconds"] = {
+            step: float(_seconds_of(path))
+            for step, path in (
+                ("generators", task_file(cfg.paths.generators, task)),
+                ("replay", task_file(cfg.paths.replay, task)),
+                ("finetune", task_file(cfg.paths.prompts, task)),
+            )
+            if path.exists()
+        }
+        write_json(task_file(cfg.paths.evaluations, task, ".json"), result)
+        run.log_metrics({"step_accuracy": result["step_accuracy"]}, step=task)
+        run.log_metrics({f"accuracy_task_{int(k):02d}": v for k, v in result["accuracy_row"].items()}, step=task)
+        if result["transfer"]:
+            run.log_metric("transfer_mean", sum(result["transfer"].values()) / len(result["transfer"]), step=task)
+    return result
+
+
+def _seconds_of(path: Path) -> float:
+    from pipeline.io import read_tensor_metadata
+
+    return float(read_tensor_metadata(path).get("seconds", "nan"))
+
+
+def run_report(cfg: Config) -> dict[str, Any]:
+    """Summary metrics, plots and a table of the whole run."""
+    import csv
+
+    from pipeline.evaluate import plot_accuracy_matrix, summarise
+    from pipeline.io import atomic_path, read_json
+
+    tracker = Tracker(cfg)
+    with tracker.step("report") as run:
+        evaluations = []
+        for task in range(1, cfg.split.n_tasks + 1):
+            path = task_file(cfg.paths.evaluations, task, ".json")
+            if not path.exists():
+                raise TaskInputError(f"task {task}: no evaluation at {path} (run the evaluate step)")
+            evaluations.append(read_json(path))
+        report = summarise(evaluations)
+        report["method"] = cfg.method.name
+        report["seed"] = cfg.seed
+        report["seconds_per_task"] = {str(e["task"]): e.get("seconds", {}) for e in evaluations}
+        headline = {k: report[k] for k in ("average_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer", "transfer")}
+        write_json(Path(cfg.paths.metrics) / "report.json", {**headline, "method": cfg.method.name, "seed": cfg.seed})
+        write_json(Path(cfg.paths.metrics) / "report_details.json", report)
+        plots = Path(cfg.paths.plots)
+        plots.mkdir(parents=True, exist_ok=True)
+        with atomic_path(plots / "step_accuracy.csv") as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["task", "accuracy"])
+                for e in evaluations:
+                    writer.writerow([e["task"], f"{e['step_accuracy']:.4f}"])
+        with atomic_path(plots / "accuracy_matrix.csv") as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["after_task", "on_task", "accuracy"])
+                for t, row in enumerate(report["accuracy_matrix"], start=1):
+                    for k, value in enumerate(row[:t], start=1):
+                        writer.writerow([t, k, f"{value:.4f}"])
+        with atomic_path(plots / "accuracy_matrix.png") as tmp:
+            plot_accuracy_matrix(report["accuracy_matrix"], tmp, f"{cfg.method.name}, seed {cfg.seed}")
+        run.log_metrics(headline)
+        for name in ("step_accuracy.csv", "accuracy_matrix.csv", "accuracy_matrix.png"):
+            run.log_artifact(plots / name, "plots")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    steps = "  ".join(f"{100 * a:5.1f}" for a in report["step_accuracy"])
+    return "\n".join(
+        [
+            f"method {report['method']}, seed {report['seed']}",
+            f"  per-step accuracy (%): {steps}",
+            f"  average incremental accuracy {100 * report['average_incremental_accuracy']:.1f}%, "
+            f"last {100 * report['last_accuracy']:.1f}%, forgetting {100 * report['forgetting']:.1f} pts, "
+            f"backward transfer {100 * report['backward_transfer']:+.1f} pts, transfer {100 * report['transfer']:.1f}%",
+        ]
+    )
+
+
 def summary(cfg: Config) -> str:
     """A short plain-text report of what the pipeline has produced so far."""
     lines = []
@@ -158,4 +439,7 @@ def summary(cfg: Config) -> str:
             f"({len(index['parts'])} file(s), {len(index['skipped'])} skipped, "
             f"{index['images_per_second']:.0f} img/s end to end)"
         )
+    details = Path(cfg.paths.metrics) / "report_details.json"
+    if details.exists():
+        lines.append(format_report(json.loads(details.read_text())))
     return "\n".join(lines) or "nothing produced yet: run `dvc repro`"

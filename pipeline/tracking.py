@@ -101,6 +101,22 @@ class StepRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def register_model(self, name: str, files: list[str | Path], tags: Mapping[str, Any]) -> str:
+        """Log ``files`` under ``model/`` and register them as a new version of ``name``."""
+        from mlflow.exceptions import MlflowException
+
+        for path in files:
+            self.log_artifact(path, "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered: add a version
+        version = self.client.create_model_version(
+            name, source=f"runs:/{self.run_id}/model", run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
+        )
+        self.set_tag(f"recall.registered.{name}", version.version)
+        return version.version
+
 
 class Tracker:
     def __init__(self, cfg: Config):
@@ -141,6 +157,19 @@ class Tracker:
             tags["mlflow.source.git.commit"] = self.commit
         return tags
 
+    def model_name(self, kind: str) -> str:
+        """Registered model name: one per (dataset, backbone) experiment and kind."""
+        return f"{experiment_name(self.cfg)}-{kind}"
+
+    def version_tags(self, task: int) -> dict[str, str]:
+        return {
+            "task": str(task),
+            "dataset": self.cfg.dataset.name,
+            "backbone": self.cfg.backbone.name,
+            "method": self.cfg.method.name,
+            "git_commit": self.commit or "unknown",
+        }
+
     def parent_run_id(self) -> str:
         key = pipeline_key(self.cfg)
         runs = self.client.search_runs(
@@ -159,7 +188,7 @@ class Tracker:
     @contextlib.contextmanager
     def step(self, name: str, task: int | None = None, params: Mapping[str, Any] | None = None) -> Iterator[StepRun]:
         parent = self.parent_run_id()
-        run_name = f"task-{task + 1:02d}/{name}" if task is not None else name
+        run_name = f"task-{task:02d}/{name}" if task is not None else name
         tags = {
             **self._common_tags(),
             "mlflow.parentRunId": parent,
@@ -167,7 +196,7 @@ class Tracker:
             "recall.step": name,
         }
         if task is not None:
-            tags["recall.task"] = str(task + 1)
+            tags["recall.task"] = str(task)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.client.update_run(parent, status="RUNNING")
         step_run = StepRun(self.client, run.info.run_id)

@@ -36,6 +36,14 @@ TINY = [
     "embed.batch_size=8",
     "embed.num_workers=0",
     "embed.chunk_size=10",
+    "generator.hidden=16",
+    "generator.latent=4",
+    "generator.epochs=3",
+    "generator.batch_size=4",
+    "generator.samples_per_class=12",
+    "method.prompt.epochs=2",
+    "method.prompt.batch_size=16",
+    "method.prompt.per_class_per_epoch=8",
 ]
 
 
@@ -57,7 +65,7 @@ def tiny_cfg(project):
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A prepared tiny shapes world and a (1-epoch) demo backbone, built once."""
+    """A tiny shapes world up to its embeddings (1-epoch demo backbone), built once."""
     root = tmp_path_factory.mktemp("world")
     cwd = os.getcwd()
     os.chdir(root)
@@ -69,6 +77,10 @@ def tiny_world(tmp_path_factory):
         cfg = config.load(None, TINY)
         steps.run_prepare(cfg)
         steps.run_backbone(cfg)
+        steps.run_split(cfg)
+        for split in ("train", "test"):
+            steps.run_embed(cfg, split)
+        steps.run_embed_text(cfg)
     finally:
         os.chdir(cwd)
         os.environ.pop("RECALL_CONF_DIR", None)

@@ -21,7 +21,7 @@ def test_params_yaml_is_the_default_composition(project):
     "override",
     ["dataset=imagefolder", "dataset=cifar100", "dataset=imagenet_r", "backbone=vit_b16_openai",
      "backbone=vit_l14_openai", "method=cgil", "method=zeroshot", "method=sequential", "method=joint",
-     "generator=gauss", "generator=mog", "tracking=server"],
+     "generator=gauss", "generator=mog", "generator=vae", "tracking=server"],
 )
 def test_every_group_option_composes_and_validates(project, override):
     overrides = [override]
@@ -33,6 +33,14 @@ def test_every_group_option_composes_and_validates(project, override):
         assert cfg.tracking.uri == "http://127.0.0.1:5000"
     else:
         assert getattr(cfg, group).name == option
+
+
+def test_demo_and_paper_experiments(project):
+    demo = config.load(None, [])
+    paper = config.load(None, ["experiment=paper"])
+    assert (demo.generator.hidden, demo.generator.epochs) == (256, 200)
+    assert (paper.generator.hidden, paper.generator.latent, paper.generator.epochs) == (512, 256, 500)
+    assert config.load(None, ["generator=gauss"]).generator.name == "gauss"
 
 
 def test_local_file_backbone_needs_its_checkpoint(project):

@@ -28,9 +28,16 @@ TINY_CONFIG = {
             "pretrain_per_class": 6,
         }
     },
-    "split": {"n_tasks": 3},
+    "split": {"n_tasks": 2},
     "backbone": {"pretrain": {"epochs": 1, "batch_size": 16, "warmup_steps": 1}},
     "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 10},
+    "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4, "samples_per_class": 12},
+    "method": {"prompt": {"epochs": 2, "batch_size": 16, "per_class_per_epoch": 8}},
+}
+PER_TASK = ("generators", "replay", "finetune", "evaluate")
+TASKS = (1, 2)
+ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text", "prompts-init", "report"} | {
+    f"{step}@{task:02d}" for step in PER_TASK for task in TASKS
 }
 
 
@@ -52,6 +59,14 @@ def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProces
     return result
 
 
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """A copy of the project (code, conf, dvc.yaml) shrunk to a tiny world, under git + DVC."""
@@ -62,10 +77,7 @@ def repo(tmp_path) -> Path:
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
     config = yaml.safe_load((root / "conf/config.yaml").read_text())
-    config.update(
-        {k: v for k, v in TINY_CONFIG.items() if k not in config}
-    )
-    config["embed"].update(TINY_CONFIG["embed"])
+    _merge(config, TINY_CONFIG)
     (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _sh(root, "git", "init", "-q")
     _sh(root, "dvc", "init", "-q")
@@ -82,10 +94,12 @@ def _ran(output: str) -> set[str]:
 
 def test_dvc_repro_runs_the_demo_then_nothing(repo):
     first = _sh(repo, "dvc", "repro")
-    assert _ran(first.stdout) == {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text"}
+    assert _ran(first.stdout) == ALL_STAGES
+    assert "per-step accuracy" in first.stdout
     for path in ("data/prepared/classes.json", "data/split.json", "models/backbone/weights.safetensors",
                  "data/embeddings/train/index.json", "data/embeddings/test/index.json",
-                 "data/embeddings/text.safetensors", "metrics/backbone.json"):
+                 "data/embeddings/text.safetensors", "metrics/backbone.json", "metrics/report.json",
+                 "plots/accuracy_matrix.png", "models/generators/task-02.safetensors"):
         assert (repo / path).exists(), path
     assert json.loads((repo / "data/embeddings/train/index.json").read_text())["n_samples"] == 54
     metrics = json.loads((repo / "metrics/backbone.json").read_text())
@@ -96,13 +110,31 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo):
     assert "up to date" in _sh(repo, "dvc", "status").stdout
 
     shown = _sh(repo, "dvc", "metrics", "show", "--json").stdout
-    assert "zeroshot_acc_heldout_pairs" in shown
+    assert "zeroshot_acc_heldout_pairs" in shown and "average_incremental_accuracy" in shown
+
+    # A prompt parameter re-runs the prompt steps only: no embedding, no generator.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["method"]["prompt"]["lr"] = 0.01
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _sh(repo, "dvc", "repro")
+    assert _ran(changed.stdout) == {"prompts-init", "report"} | {
+        f"{step}@{task:02d}" for step in ("finetune", "evaluate") for task in TASKS
+    }
+    # A generator parameter re-runs generators and what follows, but no embedding.
+    params["generator"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _sh(repo, "dvc", "repro")
+    assert not any(s.startswith("embed") or s in ("prepare", "backbone") for s in _ran(changed.stdout))
+    assert "generators@01" in _ran(changed.stdout)
 
     # A new seed changes the class order: the split re-runs, no embedding stage does.
     _sh(repo, "git", "add", "-A")
     _sh(repo, "git", "commit", "-qm", "lock")
     exp = _sh(repo, "dvc", "exp", "run", "-S", "seed=1")
-    assert _ran(exp.stdout) == {"split"}
+    # ... and so does everything per task (the tasks now hold other classes).
+    assert _ran(exp.stdout) == {"split", "prompts-init", "report"} | {
+        f"{step}@{task:02d}" for step in PER_TASK for task in TASKS
+    }
     assert json.loads((repo / "data/split.json").read_text())["seed"] == 1
     # And the run appears in MLflow under the experiment's own pipeline run.
     from mlflow.tracking import MlflowClient
@@ -111,6 +143,29 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     keys = {r.data.tags.get("recall.pipeline_key") for r in runs if r.data.tags.get("recall.role") == "pipeline"}
     assert any(k.startswith("dvc-exp:") for k in keys) and any(k.startswith("config:") for k in keys)
+
+
+def test_interrupted_run_resumes_at_the_interrupted_task(repo):
+    """Kill `dvc repro` while task 2 is being finetuned; the rerun starts there."""
+    env = _env(repo)
+    process = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("Running stage 'finetune@02'"):
+            time.sleep(1.0)
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait()
+    assert any("finetune@02" in line for line in seen), "".join(seen)
+    rerun = _sh(repo, "dvc", "repro")
+    ran = [line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")]
+    assert ran[0] == "finetune@02", ran
+    assert not {"finetune@01", "generators@01", "replay@01", "generators@02", "embed@train", "backbone"} & set(ran)
+    assert (repo / "metrics/report.json").exists()
 
 
 def test_killed_step_leaves_nothing_a_rerun_would_trust(repo):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.split import SplitError, make_split, task_classes
+from pipeline.split import SplitError, make_split, seen_classes, task_classes
 
 CLASSES = [f"class {i}" for i in range(10)]
 
@@ -49,6 +49,9 @@ def test_more_tasks_than_classes_is_refused():
 
 def test_task_index_outside_the_split_is_named():
     split = make_split(CLASSES, 2, seed=0)
-    assert len(task_classes(split, 1)) == 5
-    with pytest.raises(SplitError, match="task index 2"):
-        task_classes(split, 2)
+    assert task_classes(split, 2) == split["tasks"][1]
+    assert seen_classes(split, 2) == split["tasks"][0] + split["tasks"][1]
+    with pytest.raises(SplitError, match=r"task 3 is outside the split \(tasks 1\.\.2\)"):
+        task_classes(split, 3)
+    with pytest.raises(SplitError, match="task 0"):
+        seen_classes(split, 0)

@@ -36,7 +36,7 @@ def test_steps_are_child_runs_of_one_pipeline_run(world):
 
 
 def test_task_runs_are_named_by_task(world):
-    with Tracker(world).step("finetune", task=2) as run:
+    with Tracker(world).step("finetune", task=3) as run:
         run.log_metric("accuracy", 0.5, step=3)
     client = MlflowClient(tracking_uri(world))
     found = [r for r in _runs(client) if r.data.tags.get("recall.step") == "finetune"]

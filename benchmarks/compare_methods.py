@@ -1,0 +1,81 @@
+"""Compare methods over seeds on the prepared data, backbone and embeddings of the
+current params (run `dvc repro` first). Calls the same step functions as the DVC stages;
+each seed's split, generators and replay are shared by the methods, each (seed, method)
+writes its own prompts and evaluations under --out. Prints a markdown table of
+mean +- std over seeds.
+
+    python benchmarks/compare_methods.py --seeds 0 1 2 --methods zeroshot sequential cgil joint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from pipeline import config, steps
+
+METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "transfer")
+
+
+def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
+    seed_dir = out / f"seed{seed}"
+    run_dir = seed_dir / method
+    overrides = [
+        f"seed={seed}", f"method={method}",
+        f"paths.split={seed_dir}/split.json", f"paths.generators={seed_dir}/generators",
+        f"paths.replay={seed_dir}/replay", f"paths.prompts={run_dir}/prompts",
+        f"paths.metrics={run_dir}/metrics", f"paths.evaluations={run_dir}/metrics/tasks", f"paths.plots={run_dir}/plots",
+        *extra,
+    ]
+    cfg = config.load(None, overrides)
+    n = cfg.split.n_tasks
+    if not Path(cfg.paths.split).exists():
+        steps.run_split(cfg)
+    if method in ("cgil", "clap"):
+        for task in range(1, n + 1):
+            if not steps.task_file(cfg.paths.generators, task).exists():
+                steps.run_fit_generators(cfg, task)
+            if not steps.task_file(cfg.paths.replay, task).exists():
+                steps.run_replay(cfg, task)
+    start = time.perf_counter()
+    steps.run_init_prompts(cfg)
+    for task in range(1, n + 1):
+        steps.run_finetune(cfg, task)
+        steps.run_evaluate(cfg, task)
+    report = steps.run_report(cfg)
+    report["finetune_seconds"] = time.perf_counter() - start
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "joint"])
+    parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            report = run(seed, method, args.out, args.overrides)
+            results[method].append(report)
+            print(f"seed {seed} {method}: " + ", ".join(f"{k} {100 * report[k]:.1f}" for k in METRICS), flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    def cell(values: list[float]) -> str:
+        values = [100 * v for v in values]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+    print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); mean ± std, in %")
+    print("| method | avg incremental acc | last acc | forgetting | transfer |")
+    print("| --- | --- | --- | --- | --- |")
+    for method, reports in results.items():
+        print(f"| {method} | " + " | ".join(cell([r[k] for r in reports]) for k in METRICS) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Class-specific prompts with a shared context generator (design, section D).
+
+For class ``c`` the frozen text encoder reads ``[SOS] p_c g(w_c) <name>. [EOS]``: ``p_c``
+are ``n_ctx`` learned token vectors, ``g`` an MLP shared by all classes fed the zero-shot
+feature ``w_c``. CLIP's text transformer is causal and pools at the end-of-text token, so
+the sequence is cut right after the longest prompt's end-of-text token: same features,
+a fraction of the cost of the padded context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import PromptConfig
+from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "X"
+
+
+class PromptError(ValueError):
+    pass
+
+
+def encode_token_embeddings(
+    model: nn.Module, embeddings: torch.Tensor, eot: torch.Tensor, cut: bool = True
+) -> torch.Tensor:
+    """CLIP's ``encode_text`` from token vectors instead of token ids (not normalised)."""
+    length = int(eot.max()) + 1 if cut else embeddings.shape[1]
+    x = embeddings[:, :length] + model.positional_embedding[:length].to(embeddings.dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    projection = model.text_projection
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+class ContextGenerator(nn.Module):
+    """``g``: ``d -> d -> d -> d_tok -> d_tok`` with BatchNorm and SELU."""
+
+    def __init__(self, dim: int, token_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.SELU(),
+            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.SELU(),
+            nn.Linear(dim, token_dim), nn.BatchNorm1d(token_dim), nn.SELU(),
+            nn.Linear(token_dim, token_dim),
+        )
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.net(w)
+
+
+class PromptLearner(nn.Module):
+    """Learned context of every class of the dataset (only seen ones are ever trained)."""
+
+    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], class_features: torch.Tensor, n_ctx: int):
+        super().__init__()
+        self.text_model = text_model
+        self.n_ctx = n_ctx
+        token_dim = text_model.token_embedding.weight.shape[1]
+        prefix = " ".join([PLACEHOLDER] * (n_ctx + 1))
+        tokens = tokenizer([f"{prefix} {name}." for name in class_names])
+        eot = tokens.argmax(dim=-1)
+        if (eot >= tokens.shape[1] - 1).any():
+            longest = class_names[int(eot.argmax())]
+            raise PromptError(f"class name {longest!r} does not fit the text encoder's context with {n_ctx} context tokens")
+        self.register_buffer("tokens", tokens)
+        self.register_buffer("eot", eot)
+        self.register_buffer("class_features", class_features.float())
+        self.ctx = nn.Parameter(torch.zeros(len(class_names), n_ctx, token_dim))
+        self.generator = ContextGenerator(class_features.shape[1], token_dim)
+
+    def reset(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.ctx.normal_(0.0, 0.02, generator=g)
+            for module in self.generator.modules():
+                if isinstance(module, nn.Linear):
+                    bound = 1.0 / math.sqrt(module.in_features)
+                    module.weight.uniform_(-bound, bound, generator=g)
+                    module.bias.uniform_(-bound, bound, generator=g)
+
+    def features(self, class_ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
+        """Normalised text features ``f_c`` of the given classes."""
+        model = self.text_model
+        embeddings = model.token_embedding(self.tokens[class_ids]).detach()
+        generated = self.generator(self.class_features[class_ids])
+        embeddings = torch.cat(
+            [embeddings[:, :1], self.ctx[class_ids], generated[:, None, :], embeddings[:, 2 + self.n_ctx :]], dim=1
+        )
+        return F.normalize(encode_token_embeddings(model, embeddings, self.eot[class_ids], cut=cut), dim=-1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {"ctx": self.ctx.detach()}
+        state.update({f"generator.{k}": v.detach() for k, v in self.generator.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.ctx.copy_(state["ctx"])
+        self.generator.load_state_dict({k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")})
+
+
+def balanced_epoch(labels: torch.Tensor, class_ids: list[int], per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices of a class-balanced subset: ``per_class`` rows of every class, shuffled
+    (drawn with replacement only when a class has fewer rows)."""
+    chosen = []
+    for cid in class_ids:
+        rows = torch.nonzero(labels == cid).flatten()
+        if len(rows) >= per_class:
+            pick = rows[torch.randperm(len(rows), generator=generator)[:per_class]]
+        else:
+            pick = rows[torch.randint(len(rows), (per_class,), generator=generator)]
+        chosen.append(pick)
+    rows = torch.cat(chosen)
+    return rows[torch.randperm(len(rows), generator=generator)]
+
+
+def train_prompts(
+    learner: PromptLearner,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    seen: list[int],
+    settings: PromptConfig,
+    logit_scale: float,
+    seed: int,
+    log_metric: Callable[[str, float, int], None] | None = None,
+) -> list[float]:
+    """Cross-entropy over all seen classes on ``embeddings``; returns the per-epoch loss."""
+    present = set(labels.unique().tolist())
+    trained_classes = [c for c in seen if c in present]
+    if not trained_classes:
+        raise PromptError("no training embeddings for any seen class")
+    generator = torch.Generator().manual_seed(seed)
+    seen_t = torch.tensor(seen)
+    position = torch.full((int(max(seen)) + 1,), -1, dtype=torch.long)
+    position[seen_t] = torch.arange(len(seen))
+    params = [learner.ctx, *learner.generator.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(trained_classes) * settings.per_class_per_epoch / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
+    x_all = F.normalize(embeddings.float(), dim=-1)
+    losses = []
+    learner.train()
+    for epoch in range(settings.epochs):
+        rows = balanced_epoch(labels, trained_classes, settings.per_class_per_epoch, generator)
+        total, count = 0.0, 0
+        for batch in rows.split(settings.batch_size):
+            features = learner.features(seen_t)
+            logits = logit_scale * x_all[batch] @ features.T
+            loss = F.cross_entropy(logits, position[labels[batch]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        losses.append(total / count)
+        if log_metric:
+            log_metric("prompt_loss", losses[-1], epoch)
+    learner.eval()
+    return losses
+
+
+def save_prompt_state(path: str | Path, learner: PromptLearner, seen: list[int], trained: bool, extra: dict[str, str] | None = None) -> None:
+    metadata = {"seen": json.dumps(seen), "n_ctx": str(learner.n_ctx), "trained": json.dumps(trained), **(extra or {})}
+    write_tensors(path, learner.trainable_state(), metadata=metadata)
+
+
+def load_prompt_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise PromptError(f"{path}: no prompt state (run the finetune step of that task)")
+    meta = read_tensor_metadata(path)
+    info = {"seen": json.loads(meta["seen"]), "n_ctx": int(meta["n_ctx"]), "trained": json.loads(meta["trained"])}
+    info.update({k: v for k, v in meta.items() if k not in ("seen", "n_ctx", "trained")})
+    return read_tensors(path), info

@@ -1,0 +1,183 @@
+"""Per-task steps: generators, replay, prompts, evaluation, on the tiny world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import backbone as backbone_lib
+from pipeline import embed as embed_lib
+from pipeline import steps
+from pipeline.config import ConfigError
+from pipeline.io import read_json, read_tensors, write_tensors
+from pipeline.prompts import PromptLearner, load_prompt_state
+from pipeline.split import SplitError, load_split, seen_classes, task_classes
+from pipeline.steps import TaskInputError, task_file
+
+
+def _run_tasks(cfg, upto: int) -> None:
+    steps.run_init_prompts(cfg)
+    for task in range(1, upto + 1):
+        steps.run_fit_generators(cfg, task)
+        steps.run_replay(cfg, task)
+        steps.run_finetune(cfg, task)
+        steps.run_evaluate(cfg, task)
+
+
+def test_a_whole_run_produces_consistent_outputs(world):
+    _run_tasks(world, 3)
+    report = steps.run_report(world)
+    split = load_split(world.paths.split)
+    pool = read_tensors(task_file(world.paths.replay, 3))
+    assert sorted(pool["labels"].unique().tolist()) == sorted(seen_classes(split, 3))
+    assert len(pool["labels"]) == 9 * 12
+    _, info = load_prompt_state(task_file(world.paths.prompts, 3))
+    assert info["seen"] == seen_classes(split, 3) and info["trained"]
+    assert len(report["accuracy_matrix"]) == 3 and len(report["step_accuracy"]) == 3
+    assert 0 <= report["last_accuracy"] <= 1
+    assert Path(world.paths.plots, "accuracy_matrix.png").stat().st_size > 1000
+    assert read_json(Path(world.paths.metrics) / "report.json")["method"] == "cgil"
+    evaluation = read_json(task_file(world.paths.evaluations, 1, ".json"))
+    assert set(evaluation["transfer"]) == {"2", "3"} and set(evaluation["accuracy_row"]) == {"1"}
+    assert {"generators", "replay", "finetune"} <= set(evaluation["seconds"])
+
+
+def test_replay_pool_is_reproducible_from_the_seed(world):
+    steps.run_fit_generators(world, 1)
+    steps.run_replay(world, 1)
+    first = read_tensors(task_file(world.paths.replay, 1))
+    steps.run_replay(world, 1)
+    assert torch.equal(first["embeddings"], read_tensors(task_file(world.paths.replay, 1))["embeddings"])
+
+
+def test_zeroshot_method_uses_the_zero_shot_classifier(world):
+    cfg = world.model_copy(update={"method": world.method.model_copy(update={"name": "zeroshot", "train_on": "none"})})
+    _run_tasks(cfg, 1)
+    result = read_json(task_file(cfg.paths.evaluations, 1, ".json"))
+    backbone = backbone_lib.load_backbone(cfg.paths.backbone)
+    text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / "text.safetensors", backbone.sha256)
+    test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
+    classes = task_classes(load_split(cfg.paths.split), 1)
+    mask = torch.isin(test["labels"], torch.tensor(classes))
+    logits = torch.nn.functional.normalize(test["embeddings"][mask], dim=-1) @ text["class_features"][classes].T
+    expected = (torch.tensor(classes)[logits.argmax(1)] == test["labels"][mask]).float().mean().item()
+    assert result["accuracy_row"]["1"] == pytest.approx(expected)
+
+
+def test_prompt_cut_is_exact(world):
+    backbone = backbone_lib.load_backbone(world.paths.backbone)
+    text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
+    names = ["red circle", "a much longer class name than the others", "blue"]
+    learner = PromptLearner(backbone.model, backbone.tokenizer, names, text["class_features"][:3], n_ctx=2)
+    learner.reset(0)
+    learner.eval()
+    ids = torch.arange(3)
+    with torch.no_grad():
+        cut, full = learner.features(ids, cut=True), learner.features(ids, cut=False)
+    assert int(learner.eot.max()) + 1 < learner.tokens.shape[1]
+    assert (cut - full).abs().max().item() < 1e-5
+
+
+def test_prompts_of_the_zero_context_match_plain_text_encoding(world):
+    """With the learned and generated slots holding the placeholder's own token vector,
+    the prompt path reproduces CLIP's encode_text of the same tokens."""
+    backbone = backbone_lib.load_backbone(world.paths.backbone)
+    text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
+    learner = PromptLearner(backbone.model, backbone.tokenizer, ["red circle"], text["class_features"][:1], n_ctx=1)
+    placeholder = backbone.model.token_embedding(learner.tokens[:, 1])
+    from pipeline.prompts import encode_token_embeddings
+
+    embeddings = backbone.model.token_embedding(learner.tokens)
+    with torch.no_grad():
+        ours = encode_token_embeddings(backbone.model, embeddings, learner.eot)
+        reference = backbone.model.encode_text(learner.tokens)
+    assert placeholder.shape[-1] == embeddings.shape[-1]
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _rewrite_train_embeddings(cfg, edit) -> None:
+    folder = Path(cfg.paths.embeddings) / "train"
+    index = read_json(folder / "index.json")
+    for part in index["parts"]:
+        path = folder / part["file"]
+        meta = embed_lib.read_tensor_metadata(path)
+        write_tensors(path, edit(read_tensors(path)), metadata=meta)
+
+
+def test_a_class_with_one_training_embedding_is_named_with_its_task(world):
+    split = load_split(world.paths.split)
+    victim = task_classes(split, 2)[1]
+    seen_once = {"kept": False}
+
+    def keep_one(t):
+        rows = t["labels"] == victim
+        keep = ~rows
+        if rows.any() and not seen_once["kept"]:
+            keep[torch.nonzero(rows)[0]] = True
+            seen_once["kept"] = True
+        return {k: v[keep] for k, v in t.items()}
+
+    _rewrite_train_embeddings(world, keep_one)
+    steps.run_fit_generators(world, 1)
+    before = task_file(world.paths.generators, 1).read_bytes()
+    with pytest.raises(TaskInputError, match=rf"task 2: class {victim} .* has 1 training embedding"):
+        steps.run_fit_generators(world, 2)
+    assert not task_file(world.paths.generators, 2).exists()
+    assert task_file(world.paths.generators, 1).read_bytes() == before
+
+
+def test_nan_in_an_embedding_file_is_named(world):
+    split = load_split(world.paths.split)
+    victim = task_classes(split, 1)[0]
+
+    def poison(t):
+        rows = torch.nonzero(t["labels"] == victim).flatten()
+        if len(rows):
+            t["embeddings"][rows[0], 3] = float("nan")
+        return t
+
+    _rewrite_train_embeddings(world, poison)
+    with pytest.raises(TaskInputError, match=rf"NaN or inf in the train embeddings of class\(es\) \[{victim}\]"):
+        steps.run_fit_generators(world, 1)
+
+
+def test_a_replay_pool_missing_a_seen_class_is_named(world):
+    steps.run_init_prompts(world)
+    steps.run_fit_generators(world, 1)
+    steps.run_replay(world, 1)
+    victim = task_classes(load_split(world.paths.split), 1)[0]
+    path = task_file(world.paths.replay, 1)
+    pool = read_tensors(path)
+    keep = pool["labels"] != victim
+    write_tensors(path, {k: v[keep] for k, v in pool.items()})
+    with pytest.raises(TaskInputError, match=rf"task 1: the replay pool .* has no samples of seen class\(es\) \[{victim}\]"):
+        steps.run_finetune(world, 1)
+    assert not task_file(world.paths.prompts, 1).exists()
+
+
+def test_a_task_outside_the_split_is_named(world):
+    with pytest.raises(SplitError, match=r"task 4 is outside the split \(tasks 1\.\.3\)"):
+        steps.run_fit_generators(world, 4)
+
+
+def test_finetune_needs_the_previous_task(world):
+    steps.run_init_prompts(world)
+    steps.run_fit_generators(world, 1)
+    steps.run_fit_generators(world, 2)
+    steps.run_replay(world, 2)
+    with pytest.raises(Exception, match=r"task-01\.safetensors"):
+        steps.run_finetune(world, 2)
+
+
+def test_clap_is_refused_until_its_head_exists(world):
+    from pipeline import config
+    from conftest import TINY
+
+    cfg = config.load(None, TINY + ["method=clap"])
+    with pytest.raises(ConfigError, match="probabilistic head"):
+        steps.run_finetune(cfg, 1)
