@@ -5,7 +5,7 @@ the speed-up, and each class's final fit loss under both, to show the bank learn
 thing. Default: 100 classes x 500 samples, d = 512 (the issue's setting), a few epochs
 (the ratio does not depend on the epoch count; the full 500 epochs take hours on a CPU).
 
-    python benchmarks/vae_bank.py [--classes 100] [--samples 500] [--dim 512] [--epochs 3]
+    python -m benchmarks.vae_bank [--classes 100] [--samples 500] [--dim 512] [--epochs 3]
 """
 
 from __future__ import annotations

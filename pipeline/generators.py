@@ -165,17 +165,26 @@ class MaskedAdam:
     def step(self, active: torch.Tensor, lr: float) -> None:
         beta1, beta2 = self.betas
         self.steps += active.float()
-        bias1 = 1 - beta1**self.steps
-        bias2_sqrt = (1 - beta2**self.steps).sqrt()
+        all_active = bool(active.all())
+        steps = self.steps.clamp_min(1.0)
+        bias2_sqrt = (1 - beta2**steps).sqrt()
+        # Inactive classes move by zero; in-place updates keep this memory-bound loop to a
+        # few passes over the (large) stacked parameters.
+        step_size = torch.where(active, lr / (1 - beta1**steps), torch.zeros_like(steps))
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
             shape = (-1,) + (1,) * (p.ndim - 1)
-            a = active.view(shape)
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            m.copy_(torch.where(a, m.lerp(g, 1 - beta1), m))
-            v.copy_(torch.where(a, v * beta2 + (1 - beta2) * g * g, v))
-            denom = v.sqrt() / bias2_sqrt.view(shape) + self.eps
-            update = (lr / bias1).view(shape) * m / denom
-            p.sub_(torch.where(a, update, torch.zeros_like(update)))
+            g = p.grad
+            if all_active:
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            else:
+                act = active.to(g.dtype).view(shape)
+                m.mul_(torch.where(active, beta1, 1.0).view(shape)).add_(g * act, alpha=1 - beta1)
+                v.mul_(torch.where(active, beta2, 1.0).view(shape)).addcmul_(g * act, g, value=1 - beta2)
+            denom = v.sqrt().div_(bias2_sqrt.view(shape)).add_(self.eps)
+            p.addcdiv_(m * step_size.view(shape), denom, value=-1.0)
 
 
 def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
