@@ -42,6 +42,17 @@ def test_a_whole_run_produces_consistent_outputs(world):
     evaluation = read_json(task_file(world.paths.evaluations, 1, ".json"))
     assert set(evaluation["transfer"]) == {"2", "3"} and set(evaluation["accuracy_row"]) == {"1"}
     assert {"generators", "replay", "finetune"} <= set(evaluation["seconds"])
+    # Each task registered one version of the generator bank and one of the prompts.
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(world))
+    for name in ("recall-shapes-tiny-vae-bank", "recall-shapes-tiny-prompts"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.tags["task"]) for v in versions) == [1, 2, 3], name
+        assert all(v.tags["dataset"] == "shapes" and v.tags["backbone"] == "tiny" for v in versions)
+        assert all("git_commit" in v.tags for v in versions)
 
 
 def test_replay_pool_is_reproducible_from_the_seed(world):
