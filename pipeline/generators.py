@@ -269,14 +269,12 @@ class Bank:
         """``n_per_class`` synthetic embeddings per class, reproducible from ``seed``."""
         out, labels = [], []
         if self.kind == "vae":
-            bank = _vae_from_tensors(self.tensors, self.settings)
             with torch.no_grad():
                 for c, cid in enumerate(self.class_ids):
                     g = class_generator(seed, cid, 3)
-                    z = torch.randn(1, n_per_class, bank.latent, generator=g)
-                    sub = _single_class_decoder(bank, c)
-                    x = sub.decode(z)[0] * bank.std[c] + bank.mean[c]
-                    out.append(x)
+                    vae = _single_class_vae(self.tensors, self.settings, c)
+                    z = torch.randn(1, n_per_class, vae.latent, generator=g)
+                    out.append(vae.decode(z)[0] * vae.std[0] + vae.mean[0])
                     labels.append(torch.full((n_per_class,), cid, dtype=torch.long))
         elif self.kind == "gauss":
             for c, cid in enumerate(self.class_ids):
@@ -297,18 +295,12 @@ class Bank:
         return torch.cat(out), torch.cat(labels)
 
 
-def _vae_from_tensors(tensors: dict[str, torch.Tensor], settings: dict[str, Any]) -> VaeBank:
-    n_classes, dim = tensors["mean"].shape
-    bank = VaeBank(n_classes, dim, settings["hidden"], settings["latent"])
-    bank.load_state_dict(tensors)
-    return bank.eval()
-
-
-def _single_class_decoder(bank: VaeBank, c: int) -> VaeBank:
-    """A one-class view of class ``c`` (sampling one class at a time bounds memory)."""
-    sub = VaeBank(1, bank.dim, bank.hidden, bank.latent)
-    sub.load_state_dict({k: v[c : c + 1] for k, v in bank.state_dict().items()})
-    return sub.eval()
+def _single_class_vae(tensors: dict[str, torch.Tensor], settings: dict[str, Any], c: int) -> VaeBank:
+    """Class ``c``'s VAE alone, straight from the saved tensors (one class at a time
+    bounds the memory of sampling)."""
+    vae = VaeBank(1, tensors["mean"].shape[1], settings["hidden"], settings["latent"])
+    vae.load_state_dict({k: v[c : c + 1] for k, v in tensors.items()})
+    return vae.eval()
 
 
 def fit_bank(
