@@ -56,3 +56,11 @@ def import_open_clip():
     import open_clip
 
     return open_clip
+
+
+def import_torchmetrics_classification():
+    """``torchmetrics.functional.classification`` (torchmetrics imports torchvision)."""
+    import_torchvision()
+    from torchmetrics.functional import classification
+
+    return classification

@@ -151,6 +151,8 @@ class HeadConfig(_Strict):
     prior: Literal["standard", "clip"]
     balanced_finetune_epochs: int = Field(ge=0)
     balanced_finetune_lr_scale: float = Field(gt=0)
+    # sigma = softplus(B x) * (1 - std_floor) + std_floor
+    std_floor: float = Field(default=1e-3, ge=0, lt=1)
 
 
 class MethodConfig(_Strict):

@@ -172,9 +172,17 @@ def train_prompts(
     return losses
 
 
-def save_prompt_state(path: str | Path, learner: PromptLearner, seen: list[int], trained: bool, extra: dict[str, str] | None = None) -> None:
+def save_prompt_state(
+    path: str | Path,
+    learner: PromptLearner,
+    seen: list[int],
+    trained: bool,
+    extra: dict[str, str] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The learner's trainable tensors (plus e.g. a head's, under their own prefix)."""
     metadata = {"seen": json.dumps(seen), "n_ctx": str(learner.n_ctx), "trained": json.dumps(trained), **(extra or {})}
-    write_tensors(path, learner.trainable_state(), metadata=metadata)
+    write_tensors(path, {**learner.trainable_state(), **(extra_tensors or {})}, metadata=metadata)
 
 
 def load_prompt_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -230,8 +230,34 @@ def run_init_prompts(cfg: Config) -> dict[str, Any]:
         text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
         learner = _prompt_learner(cfg, backbone, text)
         learner.reset(cfg.seed)
-        save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False)
+        extra, tensors = {}, {}
+        if cfg.method.head is not None:
+            from pipeline.classifier import head_state
+            from pipeline.head import ProbabilisticHead
+
+            torch.manual_seed(cfg.seed)
+            head = ProbabilisticHead(text["class_features"].shape[1], std_floor=cfg.method.head.std_floor)
+            extra, tensors = {"head_tasks": "0"}, head_state(head)
+        save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False, extra=extra, extra_tensors=tensors)
     return {"classes": int(learner.ctx.shape[0])}
+
+
+def _class_task(split: dict, task: int) -> torch.Tensor:
+    """The (1-based) task of every class seen up to ``task``, in seen-class order."""
+    return torch.tensor([t for t, classes in enumerate(split["tasks"][:task], start=1) for _ in classes])
+
+
+def _load_head(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Path, dim: int, expected_tasks: int):
+    from pipeline.classifier import load_head
+
+    if "head_tasks" not in info:
+        raise TaskInputError(
+            f"{path}: this prompt state has no probabilistic head (it was written by method "
+            f"{info.get('method', 'unknown')!r}); re-run from prompts-init with method {cfg.method.name!r}"
+        )
+    if int(info["head_tasks"]) != expected_tasks:
+        raise TaskInputError(f"{path}: the head has {info['head_tasks']} task encoder(s), expected {expected_tasks}")
+    return load_head(state, dim, expected_tasks, cfg.method.head.std_floor)
 
 
 def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -263,13 +289,6 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
 
     from pipeline.prompts import load_prompt_state, save_prompt_state, train_prompts
 
-    if cfg.method.head is not None:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(
-            f"method {cfg.method.name!r}: the probabilistic head is not available in this version; "
-            "use method=cgil (the deterministic prompt learner) or another method"
-        )
     _set_threads()
     tracker = Tracker(cfg)
     with tracker.step("finetune", task=task, params={"method": cfg.method.model_dump(mode="json")}) as run:
@@ -288,16 +307,32 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         learner.load_trainable_state(state)
         start = time.perf_counter()
         training = _training_set(cfg, task, split, backbone.sha256)
+        logit_scale = backbone.model.logit_scale.exp().item()
         losses: list[float] = []
-        if training is not None:
+        extra, tensors = {}, {}
+        if cfg.method.head is not None:
+            from pipeline.classifier import head_state
+            from pipeline.head import text_statistics, train_with_head
+
+            head = _load_head(cfg, state, previous, task_file(cfg.paths.prompts, task - 1), learner.class_features.shape[1], task - 1)
+            templates = text["template_features"].float()
+            head.add_task(*text_statistics(templates[torch.tensor(seen)]))
+            if training is not None:
+                losses = train_with_head(
+                    learner, head, *training, seen, _class_task(split, task), task, templates,
+                    cfg.method.prompt, cfg.method.head, logit_scale, seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
+                )
+            extra, tensors = {"head_tasks": str(head.n_tasks)}, head_state(head)
+        elif training is not None:
             losses = train_prompts(
-                learner, *training, seen, cfg.method.prompt, backbone.model.logit_scale.exp().item(),
+                learner, *training, seen, cfg.method.prompt, logit_scale,
                 seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
             )
         seconds = time.perf_counter() - start
         out = task_file(cfg.paths.prompts, task)
         save_prompt_state(out, learner, seen=seen, trained=training is not None or previous["trained"],
-                          extra={"task": str(task), "seconds": f"{seconds:.3f}", "method": cfg.method.name})
+                          extra={"task": str(task), "seconds": f"{seconds:.3f}", "method": cfg.method.name, **extra},
+                          extra_tensors=tensors)
         figures = {"finetune_seconds": seconds, **({"final_loss": losses[-1]} if losses else {})}
         run.log_metrics(figures, step=task)
         if training is not None:
@@ -305,27 +340,53 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
     return figures
 
 
-def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
-    """Accuracy on every task's real test embeddings after training task ``task``."""
-    from pipeline.evaluate import evaluate_task
+def load_classifier(cfg: Config, task: int, backbone, text: dict[str, torch.Tensor], split: dict):
+    """The classifier after task ``task`` over its seen classes, from its saved prompt state."""
+    from pipeline.classifier import Classifier
+    from pipeline.head import inference_noise
     from pipeline.prompts import load_prompt_state
+
+    path = task_file(cfg.paths.prompts, task)
+    state, info = load_prompt_state(path)
+    seen = seen_classes(split, task)
+    if info["seen"] != seen:
+        raise TaskInputError(f"task {task}: the prompt state {path} covers classes {info['seen']}, not the seen classes {seen}")
+    seen_t = torch.tensor(seen)
+    features = text["class_features"][seen_t].float()
+    if info["trained"]:
+        learner = _prompt_learner(cfg, backbone, text)
+        learner.load_trainable_state(state)
+        learner.eval()
+        with torch.no_grad():
+            features = learner.features(seen_t)
+    classifier = Classifier(seen, features, backbone.model.logit_scale.exp().item())
+    if cfg.method.head is not None:
+        classifier.head = _load_head(cfg, state, info, path, features.shape[1], task)
+        classifier.class_task = _class_task(split, task)
+        classifier.noise = inference_noise(cfg.seed, seen, cfg.method.head.mc_test, features.shape[1])
+    return classifier
+
+
+def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
+    """Accuracy, calibration and novel-class detection on the real test embeddings after
+    training task ``task``."""
+    from pipeline.evaluate import evaluate_task, plot_reliability
 
     with Tracker(cfg).step("evaluate", task=task) as run:
         split = load_split(cfg.paths.split)
         backbone = backbone_lib.load_backbone(cfg.paths.backbone)
         text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
-        state, info = load_prompt_state(task_file(cfg.paths.prompts, task))
-        seen = seen_classes(split, task)
-        learned = None
-        if info["trained"]:
-            learner = _prompt_learner(cfg, backbone, text)
-            learner.load_trainable_state(state)
-            learner.eval()
-            with torch.no_grad():
-                features = learner.features(torch.tensor(seen))
-            learned = dict(zip(seen, features))
+        classifier = load_classifier(cfg, task, backbone, text, split)
         test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
-        result = evaluate_task(task, split["tasks"], test["embeddings"], test["labels"], text["class_features"], learned)
+        labels = test["labels"]
+        seen_rows = torch.isin(labels, torch.tensor(classifier.class_ids))
+        future = [c for t in split["tasks"][task:] for c in t]
+        scored = seen_rows | torch.isin(labels, torch.tensor(future, dtype=labels.dtype))
+        # The head costs M x C per image: score only images of seen and future classes.
+        sample_logits = torch.zeros(classifier.mc_samples, len(labels), len(classifier.class_ids))
+        sample_logits[:, scored] = classifier.sample_logits(test["embeddings"][scored])
+        all_logits = classifier.all_class_logits(test["embeddings"], text["class_features"]) if future else None
+        result = evaluate_task(task, split["tasks"], labels, sample_logits, all_logits)
         result["seconds"] = {
             step: float(_seconds_of(path))
             for step, path in (
@@ -336,10 +397,19 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
             if path.exists()
         }
         write_json(task_file(cfg.paths.evaluations, task, ".json"), result)
-        run.log_metrics({"step_accuracy": result["step_accuracy"]}, step=task)
+        run.log_metrics({"step_accuracy": result["step_accuracy"], "ece": result["calibration"]["ece"]}, step=task)
         run.log_metrics({f"accuracy_task_{int(k):02d}": v for k, v in result["accuracy_row"].items()}, step=task)
         if result["transfer"]:
             run.log_metric("transfer_mean", sum(result["transfer"].values()) / len(result["transfer"]), step=task)
+        for score, figures in result.get("novelty", {}).items():
+            run.log_metrics({f"novel_{figure}_{score}": value for figure, value in figures.items()}, step=task)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            diagram = Path(tmp) / f"reliability_task-{task:02d}.png"
+            plot_reliability(result["calibration"]["bins"], result["calibration"]["ece"], diagram,
+                             f"{cfg.method.name} after task {task}")
+            run.log_artifact(diagram, "plots")
     return result
 
 
@@ -353,7 +423,7 @@ def run_report(cfg: Config) -> dict[str, Any]:
     """Summary metrics, plots and a table of the whole run."""
     import csv
 
-    from pipeline.evaluate import plot_accuracy_matrix, summarise
+    from pipeline.evaluate import plot_accuracy_matrix, plot_reliability, summarise
     from pipeline.io import atomic_path, read_json
 
     tracker = Tracker(cfg)
@@ -368,7 +438,8 @@ def run_report(cfg: Config) -> dict[str, Any]:
         report["method"] = cfg.method.name
         report["seed"] = cfg.seed
         report["seconds_per_task"] = {str(e["task"]): e.get("seconds", {}) for e in evaluations}
-        headline = {k: report[k] for k in ("average_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer", "transfer")}
+        headline = {k: report[k] for k in ("average_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer", "transfer", "ece_last", "ece_mean")}
+        headline.update({f"novel_auroc_{score}": figures["auroc"] for score, figures in report["novelty"].items()})
         write_json(Path(cfg.paths.metrics) / "report.json", {**headline, "method": cfg.method.name, "seed": cfg.seed})
         write_json(Path(cfg.paths.metrics) / "report_details.json", report)
         plots = Path(cfg.paths.plots)
@@ -388,8 +459,24 @@ def run_report(cfg: Config) -> dict[str, Any]:
                         writer.writerow([t, k, f"{value:.4f}"])
         with atomic_path(plots / "accuracy_matrix.png") as tmp:
             plot_accuracy_matrix(report["accuracy_matrix"], tmp, f"{cfg.method.name}, seed {cfg.seed}")
+        with atomic_path(plots / "calibration.csv") as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["task", "ece"])
+                for e in evaluations:
+                    writer.writerow([e["task"], f"{e['calibration']['ece']:.4f}"])
+        with atomic_path(plots / "novelty.csv") as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["task", "score", "auroc", "aupr", "fpr_at_95_tpr"])
+                for e in evaluations:
+                    for score, figures in e.get("novelty", {}).items():
+                        writer.writerow([e["task"], score, *(f"{figures[k]:.4f}" for k in ("auroc", "aupr", "fpr_at_95_tpr"))])
+        last = evaluations[-1]["calibration"]
+        with atomic_path(plots / "reliability.png") as tmp:
+            plot_reliability(last["bins"], last["ece"], tmp, f"{cfg.method.name}, seed {cfg.seed}, all {evaluations[-1]['n_seen_classes']} classes")
         run.log_metrics(headline)
-        for name in ("step_accuracy.csv", "accuracy_matrix.csv", "accuracy_matrix.png"):
+        for name in ("step_accuracy.csv", "accuracy_matrix.csv", "accuracy_matrix.png", "calibration.csv", "novelty.csv", "reliability.png"):
             run.log_artifact(plots / name, "plots")
     return report
 
@@ -403,6 +490,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"  average incremental accuracy {100 * report['average_incremental_accuracy']:.1f}%, "
             f"last {100 * report['last_accuracy']:.1f}%, forgetting {100 * report['forgetting']:.1f} pts, "
             f"backward transfer {100 * report['backward_transfer']:+.1f} pts, transfer {100 * report['transfer']:.1f}%",
+            f"  calibration error (ECE, 15 bins) after the last task {100 * report['ece_last']:.1f}%, "
+            f"mean over tasks {100 * report['ece_mean']:.1f}%",
+            "  novel-class detection AUROC: "
+            + ", ".join(f"{score.replace('_', ' ')} {100 * figures['auroc']:.1f}" for score, figures in report["novelty"].items())
+            + ("" if "sample_variance" in report["novelty"] else " (no sample variance: deterministic method)"),
         ]
     )
 

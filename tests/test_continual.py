@@ -185,10 +185,56 @@ def test_finetune_needs_the_previous_task(world):
         steps.run_finetune(world, 2)
 
 
-def test_clap_is_refused_until_its_head_exists(world):
-    from pipeline import config
+def _clap(world):
     from conftest import TINY
+    from pipeline import config
 
-    cfg = config.load(None, TINY + ["method=clap"])
-    with pytest.raises(ConfigError, match="probabilistic head"):
-        steps.run_finetune(cfg, 1)
+    return config.load(None, TINY + ["method=clap", "method.head.mc_train=3", "method.head.mc_test=4"])
+
+
+def test_clap_run_reports_calibration_and_novel_class_detection(world):
+    cfg = _clap(world)
+    _run_tasks(cfg, 3)
+    report = steps.run_report(cfg)
+    first = read_json(task_file(cfg.paths.evaluations, 1, ".json"))
+    assert first["mc_samples"] == 4
+    assert set(first["novelty"]) == {"max_probability", "energy", "sample_variance"}
+    assert all(0 <= first["novelty"][s]["auroc"] <= 1 for s in first["novelty"])
+    assert "novelty" not in read_json(task_file(cfg.paths.evaluations, 3, ".json"))
+    assert 0 <= report["ece_last"] <= 1
+    headline = read_json(Path(cfg.paths.metrics) / "report.json")
+    assert headline["method"] == "clap" and "novel_auroc_sample_variance" in headline
+    assert Path(cfg.paths.plots, "reliability.png").stat().st_size > 1000
+    # One distribution encoder per task, saved with the prompts.
+    _, info = load_prompt_state(task_file(cfg.paths.prompts, 3))
+    assert info["head_tasks"] == "3"
+    # Evaluating again gives the same Monte-Carlo figures.
+    steps.run_evaluate(cfg, 1)
+    assert read_json(task_file(cfg.paths.evaluations, 1, ".json"))["calibration"] == first["calibration"]
+
+
+def test_clap_finetune_reads_only_the_replay_pool_and_the_previous_state(world):
+    import shutil
+
+    cfg = _clap(world)
+    for task in (1, 2):
+        steps.run_fit_generators(cfg, task)
+        steps.run_replay(cfg, task)
+    # What a GPU worker would receive: replay pools, frozen backbone and text features.
+    shutil.rmtree(Path(cfg.paths.embeddings) / "train")
+    shutil.rmtree(cfg.paths.generators)
+    steps.run_init_prompts(cfg)
+    steps.run_finetune(cfg, 1)
+    steps.run_finetune(cfg, 2)
+    first = read_tensors(task_file(cfg.paths.prompts, 2))
+    steps.run_finetune(cfg, 2)
+    again = read_tensors(task_file(cfg.paths.prompts, 2))
+    assert first.keys() == again.keys() and any(k.startswith("head.encoders.1.") for k in first)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_prompt_state_without_a_head_is_named(world):
+    _run_tasks(world, 1)  # cgil: no head in the saved state
+    cfg = _clap(world)
+    with pytest.raises(TaskInputError, match=r"task-01\.safetensors.*no probabilistic head.*'cgil'"):
+        steps.run_evaluate(cfg, 1)

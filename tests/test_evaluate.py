@@ -47,6 +47,18 @@ def test_single_task_has_no_forgetting():
     assert s["last_accuracy"] == pytest.approx(0.7) and math.isnan(s["forgetting"])
 
 
+def _evaluate(task, tasks, embeddings, labels, features, learned):
+    from pipeline.classifier import Classifier
+
+    seen = [c for t in tasks[:task] for c in t]
+    class_features = features.clone()
+    for cid, f in (learned or {}).items():
+        class_features[cid] = f
+    classifier = Classifier(seen, class_features[seen], logit_scale=10.0)
+    all_logits = classifier.all_class_logits(embeddings, features)
+    return evaluate_task(task, tasks, labels, classifier.sample_logits(embeddings), all_logits)
+
+
 def test_evaluate_task_restricts_to_seen_classes_and_transfers_to_the_rest():
     # 4 classes on the axes; tasks [[0, 1], [2, 3]].
     features = torch.eye(4)
@@ -57,14 +69,50 @@ def test_evaluate_task_restricts_to_seen_classes_and_transfers_to_the_rest():
         [0, 0, 1.0, 0.2],    # class 3: closer to class 2
     ])
     labels = torch.tensor([0, 1, 2, 3])
-    result = evaluate_task(1, [[0, 1], [2, 3]], embeddings, labels, features, None)
+    result = _evaluate(1, [[0, 1], [2, 3]], embeddings, labels, features, None)
     assert result["accuracy_row"] == {"1": pytest.approx(0.5)}  # class 1 taken for class 0
     assert result["transfer"] == {"2": pytest.approx(0.5)}      # class 3 taken for class 2
     # A learned feature for class 1 that points at its samples fixes the seen-class error.
     learned = {1: torch.nn.functional.normalize(torch.tensor([0.0, 0.6, 0.8, 0.0]), dim=0)}
-    improved = evaluate_task(1, [[0, 1], [2, 3]], embeddings, labels, features, learned)
+    improved = _evaluate(1, [[0, 1], [2, 3]], embeddings, labels, features, learned)
     assert improved["accuracy_row"] == {"1": pytest.approx(1.0)}
     assert improved["step_accuracy"] == pytest.approx(1.0)
-    # After the last task every class is seen and nothing is left to transfer to.
-    final = evaluate_task(2, [[0, 1], [2, 3]], embeddings, labels, features, None)
+    # A deterministic classifier has no variance over samples to detect novelty with.
+    assert set(improved["novelty"]) == {"max_probability", "energy"}
+    # After the last task every class is seen and nothing is left to transfer to or detect.
+    final = _evaluate(2, [[0, 1], [2, 3]], embeddings, labels, features, None)
     assert final["transfer"] == {} and set(final["accuracy_row"]) == {"1", "2"}
+    assert "novelty" not in final and final["calibration"]["n_samples"] == 4
+
+
+def test_expected_calibration_error_on_known_cases():
+    from pipeline.evaluate import calibration
+
+    # Four predictions at confidence 0.8, three right: one bin, |0.8 - 0.75|.
+    probs = torch.tensor([[0.8, 0.2]] * 4)
+    result = calibration(probs, torch.tensor([0, 0, 0, 1]))
+    assert result["ece"] == pytest.approx(0.05, abs=1e-6)
+    filled = [b for b in result["bins"] if b["count"]]
+    assert len(filled) == 1 and filled[0]["accuracy"] == pytest.approx(0.75) and filled[0]["confidence"] == pytest.approx(0.8)
+    # Two bins: 0.6 confident and half right (gap 0.1), 0.9 confident and all right (gap 0.1).
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.9, 0.1]])
+    assert calibration(probs, torch.tensor([0, 1, 0, 0]))["ece"] == pytest.approx(0.1, abs=1e-6)
+    # Right exactly as often as it is confident: calibrated.
+    probs = torch.tensor([[0.5, 0.5]] * 2 + [[1.0, 0.0]] * 2)
+    assert calibration(probs, torch.tensor([0, 1, 0, 0]))["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_novel_class_detection_on_known_cases():
+    from pipeline.evaluate import novelty_detection
+
+    separated = novelty_detection(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.6, 0.5]))
+    assert separated == {"auroc": pytest.approx(1.0), "aupr": pytest.approx(1.0), "fpr_at_95_tpr": pytest.approx(0.0)}
+    # Pairs (seen, novel): 3>2, 3>0, 1<2, 1>0 -> AUROC 3/4; accepting both seen images
+    # (threshold 1) also accepts the novel image scored 2.
+    mixed = novelty_detection(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.0]))
+    assert mixed["auroc"] == pytest.approx(0.75) and mixed["fpr_at_95_tpr"] == pytest.approx(0.5)
+    # AP: ranked 3 (seen), 2 (novel), 1 (seen) -> (1/1 + 2/3) / 2.
+    assert mixed["aupr"] == pytest.approx((1 + 2 / 3) / 2)
+    # Large energies stay ordered (a sigmoid squashing them would tie them at 1.0).
+    energies = novelty_detection(torch.tensor([100.0, 101.0]), torch.tensor([99.0, 98.0]))
+    assert energies["auroc"] == pytest.approx(1.0)

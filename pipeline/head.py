@@ -1,0 +1,266 @@
+"""Probabilistic head over the learned class features ("CLAP" on replay, design section E).
+
+For an image embedding ``e`` and the seen classes' prompt features ``f_c``:
+
+- visual-guided attention ``v_c(e)``: one transformer-decoder layer whose queries are the
+  ``f_c`` (self-attention only among classes of the same task) and whose single key/value
+  is ``e`` itself, so no prediction depends on the other images of its batch;
+- per task ``t`` a distribution encoder ``mu = A_t(f_c + v_c)``,
+  ``sigma = softplus(B_t(f_c + v_c)) * (1 - floor) + floor``;
+- ``M`` samples ``z ~ N(mu, sigma)``, ``h_c = norm(f_c + v_c + z)``, logits ``s <norm(e), h_c>``.
+
+Training noise is fresh per image; at inference the noise of class ``c`` is drawn from
+``(seed, c)`` alone, so a prediction is a deterministic function of the image and the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from pipeline.config import HeadConfig, PromptConfig
+
+
+class HeadError(ValueError):
+    pass
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class VisualGuidedAttention(nn.Module):
+    """One decoder layer (width ``d``, 1 head, GELU), evaluated per image."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(
+            dim, nhead=1, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True
+        )
+        # Zero-initialised output scale: the head starts as the deterministic learner and
+        # the attention learns how much of the image to mix into each class feature.
+        nn.init.zeros_(self.layer.norm3.weight)
+
+    def forward(self, class_features: torch.Tensor, images: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+        """``v`` of shape ``[B, C, d]`` for ``class_features [C, d]`` and ``images [B, d]``."""
+        layer = self.layer
+        other_task = class_task[:, None] != class_task[None, :]
+        q = class_features[None]
+        # The self-attention block sees only the class features: the same for every image.
+        x = layer.norm1(q + layer._sa_block(q, other_task, None))
+        # One key per image: its attention weight is exactly 1, so the cross-attention output
+        # is the value projection of that image, shared by all its class queries.
+        memory = images[:, None, :]
+        cross = layer.multihead_attn(memory, memory, memory, need_weights=False)[0]
+        x = layer.norm2(x + cross)
+        return layer.norm3(x + layer._ff_block(x))
+
+
+class DistributionEncoder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mean = nn.Linear(dim, dim)
+        self.std = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean(x), F.softplus(self.std(x)) * (1.0 - floor) + floor
+
+
+@dataclass
+class HeadOutput:
+    logits: torch.Tensor  # [M, B, C]
+    mu: torch.Tensor  # [B, C, d]
+    sigma: torch.Tensor  # [B, C, d]
+    z: torch.Tensor  # [M, B, C, d]
+
+
+class ProbabilisticHead(nn.Module):
+    def __init__(self, dim: int, std_floor: float = 1e-3):
+        super().__init__()
+        self.dim = dim
+        self.std_floor = std_floor
+        self.attention = VisualGuidedAttention(dim)
+        self.encoders = nn.ModuleList()
+        # The CLIP-informed prior: each task's encoder as it was initialised, frozen.
+        self.prior_encoders = nn.ModuleList()
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.encoders)
+
+    def add_task(self, text_mean: torch.Tensor, text_std: torch.Tensor) -> None:
+        """A new task's encoder, initialised from the seen classes' text statistics:
+        ``A.weight = T^T T / d`` with ``T`` their template-averaged features;
+        ``B.weight = S^T S / d`` with ``S`` their per-dimension template std, and ``B``'s bias
+        set so that ``sigma`` starts at that std."""
+        d = self.dim
+        encoder = DistributionEncoder(d)
+        with torch.no_grad():
+            encoder.mean.weight.copy_(text_mean.T @ text_mean / d)
+            encoder.mean.bias.zero_()
+            encoder.std.weight.copy_(text_std.T @ text_std / d)
+            start = ((text_std.mean(dim=0) - self.std_floor) / (1.0 - self.std_floor)).clamp_min(1e-4)
+            encoder.std.bias.copy_(inverse_softplus(start))
+        prior = DistributionEncoder(d)
+        prior.load_state_dict(encoder.state_dict())
+        prior.requires_grad_(False)
+        self.encoders.append(encoder)
+        self.prior_encoders.append(prior)
+
+    def distribution(self, x: torch.Tensor, class_task: torch.Tensor, prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mu, sigma`` of every class column of ``x [..., C, d]`` from its own task's encoder."""
+        encoders = self.prior_encoders if prior else self.encoders
+        mu = torch.empty_like(x)
+        sigma = torch.empty_like(x)
+        for t in class_task.unique().tolist():
+            if not 1 <= t <= len(encoders):
+                raise HeadError(f"no distribution encoder for task {t} (the head has {len(encoders)})")
+            cols = torch.nonzero(class_task == t).flatten()
+            m, s = encoders[t - 1](x[..., cols, :], self.std_floor)
+            mu[..., cols, :] = m
+            sigma[..., cols, :] = s
+        return mu, sigma
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        class_features: torch.Tensor,
+        class_task: torch.Tensor,
+        logit_scale: float,
+        noise: torch.Tensor,
+    ) -> HeadOutput:
+        """``noise``: standard normal, ``[M, B, C, d]`` or ``[M, 1, C, d]`` (shared by images)."""
+        e = F.normalize(images.float(), dim=-1)
+        v = self.attention(class_features, e, class_task)
+        base = class_features[None] + v
+        mu, sigma = self.distribution(base, class_task)
+        z = mu[None] + sigma[None] * noise
+        h = F.normalize(base[None] + z, dim=-1)
+        logits = logit_scale * torch.einsum("bd,mbcd->mbc", e, h)
+        return HeadOutput(logits=logits, mu=mu, sigma=sigma, z=z)
+
+
+def inference_noise(seed: int, class_ids: list[int], samples: int, dim: int) -> torch.Tensor:
+    """``[M, 1, C, d]`` standard-normal noise; class ``c``'s part depends on ``(seed, c)`` only."""
+    parts = [
+        torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + c)) for c in class_ids
+    ]
+    return torch.stack(parts, dim=1)[:, None]
+
+
+def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.Tensor, class_task: torch.Tensor, prior: str) -> torch.Tensor:
+    """``KL(q || p)`` summed over dimensions, averaged over images and classes."""
+    if prior == "standard":
+        p = Normal(torch.zeros_like(out.mu), torch.ones_like(out.sigma))
+    else:
+        p_mu, p_sigma = head.distribution(class_features, class_task, prior=True)
+        p = Normal(p_mu.expand_as(out.mu), p_sigma.expand_as(out.sigma))
+    return kl_divergence(Normal(out.mu, out.sigma), p).sum(dim=-1).mean()
+
+
+def language_regulariser(z: torch.Tensor, template_features: torch.Tensor) -> torch.Tensor:
+    """``CE(S, c)`` with ``S[c, c'] = mean_{j,m} <w_c^j, z_{c'}^m>`` over the given classes.
+
+    ``z``: ``[M, B, C, d]`` samples of those classes; ``template_features``: ``[C, J, d]``."""
+    z_mean = z.mean(dim=(0, 1))
+    similarity = template_features.mean(dim=1) @ z_mean.T
+    return F.cross_entropy(similarity, torch.arange(len(similarity), device=similarity.device))
+
+
+def predictive_summary(sample_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: probabilities of the sample-averaged logits, predictive entropy, energy
+    ``logsumexp`` of those logits, and the variance over samples (summed over classes) of the
+    class probabilities (``None`` for a single sample: nothing varies)."""
+    logits = sample_logits.mean(dim=0)
+    probs = logits.softmax(dim=-1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+    variance = sample_logits.softmax(dim=-1).var(dim=0, unbiased=False).sum(dim=-1) if len(sample_logits) > 1 else None
+    return {"logits": logits, "probs": probs, "entropy": entropy, "energy": torch.logsumexp(logits, dim=-1), "variance": variance}
+
+
+def text_statistics(template_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Template-averaged features and per-dimension template std of ``[C, J, d]``."""
+    return template_features.mean(dim=1), template_features.std(dim=1, unbiased=False)
+
+
+def train_with_head(
+    learner,
+    head: ProbabilisticHead,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    seen: list[int],
+    class_task: torch.Tensor,
+    task: int,
+    template_features: torch.Tensor,
+    prompt_cfg: PromptConfig,
+    head_cfg: HeadConfig,
+    logit_scale: float,
+    seed: int,
+    log_metric: Callable[[str, float, int], None] | None = None,
+) -> list[float]:
+    """Train prompts, context generator, attention and task ``task``'s encoder (earlier
+    encoders frozen) on ``embeddings``, then, from task 2 on, the balanced finetuning phase
+    with every encoder unfrozen. Returns the per-epoch loss of both phases."""
+    from pipeline.prompts import balanced_epoch
+
+    present = set(labels.unique().tolist())
+    missing = [c for c in seen if c not in present]
+    if missing:
+        raise HeadError(f"task {task}: no training embeddings for seen class(es) {missing}")
+    generator = torch.Generator().manual_seed(seed)
+    seen_t = torch.tensor(seen)
+    position = torch.full((int(max(seen)) + 1,), -1, dtype=torch.long)
+    position[seen_t] = torch.arange(len(seen))
+    current = torch.nonzero(class_task == task).flatten()
+    current_templates = template_features[seen_t[current]]
+    class_means = template_features[seen_t].mean(dim=1)
+    x_all = F.normalize(embeddings.float(), dim=-1)
+    shared = [learner.ctx, *learner.generator.parameters(), *head.attention.parameters()]
+    phases = [(prompt_cfg.epochs, prompt_cfg.lr, [*shared, *head.encoders[task - 1].parameters()])]
+    if task > 1 and head_cfg.balanced_finetune_epochs > 0:
+        phases.append(
+            (head_cfg.balanced_finetune_epochs, prompt_cfg.lr * head_cfg.balanced_finetune_lr_scale, [*shared, *head.encoders.parameters()])
+        )
+    losses: list[float] = []
+    learner.train()
+    head.train()
+    epoch_index = 0
+    for epochs, lr, params in phases:
+        head.encoders.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        steps_per_epoch = math.ceil(len(seen) * prompt_cfg.per_class_per_epoch / prompt_cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+        for _ in range(epochs):
+            rows = balanced_epoch(labels, seen, prompt_cfg.per_class_per_epoch, generator)
+            total, count = 0.0, 0
+            for batch in rows.split(prompt_cfg.batch_size):
+                features = learner.features(seen_t)
+                noise = torch.randn(head_cfg.mc_train, len(batch), len(seen), head.dim, generator=generator)
+                out = head(x_all[batch], features, class_task, logit_scale, noise)
+                targets = position[labels[batch]]
+                ce = F.cross_entropy(out.logits.flatten(0, 1), targets.repeat(head_cfg.mc_train))
+                kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior)
+                lang = language_regulariser(out.z[:, :, current], current_templates)
+                loss = ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(batch)
+                count += len(batch)
+            losses.append(total / count)
+            if log_metric:
+                log_metric("prompt_loss", losses[-1], epoch_index)
+            epoch_index += 1
+    head.encoders.requires_grad_(True)
+    learner.eval()
+    head.eval()
+    return losses

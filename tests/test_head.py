@@ -1,0 +1,156 @@
+"""The probabilistic head (design, section E) on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.classifier import Classifier, head_state, load_head
+from pipeline.head import (
+    HeadOutput,
+    ProbabilisticHead,
+    inference_noise,
+    kl_to_prior,
+    language_regulariser,
+    predictive_summary,
+)
+
+DIM = 8
+
+
+def _trained_like_head(n_tasks: int = 2, seed: int = 0) -> ProbabilisticHead:
+    """A head with every weight random, as after training (the attention's zero-initialised
+    output scale included, so the attention really mixes the image in)."""
+    torch.manual_seed(seed)
+    head = ProbabilisticHead(DIM)
+    for _ in range(n_tasks):
+        head.add_task(torch.randn(3, DIM), torch.rand(3, DIM) * 0.1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    head.eval()
+    return head
+
+
+def _classes(n: int = 5):
+    features = F.normalize(torch.randn(n, DIM, generator=torch.Generator().manual_seed(1)), dim=-1)
+    class_task = torch.tensor([1, 1, 1, 2, 2])[:n]
+    return list(range(10, 10 + n)), features, class_task
+
+
+def test_attention_is_one_decoder_layer_over_the_image_alone():
+    head = _trained_like_head()
+    _, features, class_task = _classes()
+    images = torch.randn(4, DIM)
+    ours = head.attention(features, images, class_task)
+    layer = head.attention.layer
+    mask = class_task[:, None] != class_task[None, :]
+    reference = torch.stack([
+        layer(features[None], image[None, None], tgt_mask=mask)[0] for image in images
+    ])
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_a_prediction_does_not_depend_on_the_rest_of_its_batch():
+    head = _trained_like_head()
+    ids, features, class_task = _classes()
+    classifier = Classifier(ids, features, 20.0, head, class_task, inference_noise(7, ids, 6, DIM))
+    images = torch.randn(12, DIM)
+    together = classifier.predict(images)["probs"]
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    shuffled = torch.cat([classifier.predict(images[chunk])["probs"] for chunk in order.split(5)])
+    alone = torch.cat([classifier.predict(images[i : i + 1])["probs"] for i in range(12)])
+    assert torch.allclose(shuffled, together[order], atol=1e-6)
+    assert torch.allclose(alone, together, atol=1e-6)
+    # The Monte-Carlo samples do move the prediction: they are part of what is checked.
+    deterministic = Classifier(ids, features, 20.0, head, class_task, torch.zeros(1, 1, 5, DIM)).predict(images)["probs"]
+    assert not torch.allclose(deterministic, together, atol=1e-3)
+
+
+def test_monte_carlo_estimates_are_reproducible_from_the_seed():
+    ids = [3, 8, 11]
+    assert torch.equal(inference_noise(5, ids, 4, DIM), inference_noise(5, ids, 4, DIM))
+    assert not torch.equal(inference_noise(5, ids, 4, DIM), inference_noise(6, ids, 4, DIM))
+    # A class's noise depends on the class, not on which other classes are seen.
+    assert torch.equal(inference_noise(5, [8, 42], 4, DIM)[:, :, 0], inference_noise(5, ids, 4, DIM)[:, :, 1])
+
+
+def test_one_sample_without_spread_reduces_to_the_deterministic_learner():
+    ids, features, class_task = _classes()
+    torch.manual_seed(0)
+    head = ProbabilisticHead(DIM, std_floor=0.0)
+    for _ in range(2):
+        head.add_task(torch.zeros(3, DIM), torch.zeros(3, DIM))
+        with torch.no_grad():
+            # mean adapter at zero, std adapter at softplus(-1e4) = 0: sigma is exactly 0.
+            head.encoders[-1].std.bias.fill_(-1e4)
+    head.eval()
+    images = torch.randn(6, DIM)
+    noise = torch.randn(1, 1, len(ids), DIM)
+    probabilistic = Classifier(ids, features, 30.0, head, class_task, noise).sample_logits(images)
+    deterministic = Classifier(ids, features, 30.0).sample_logits(images)
+    assert probabilistic.shape == deterministic.shape == (1, 6, 5)
+    assert torch.allclose(probabilistic, deterministic, atol=1e-5)
+
+
+def test_kl_to_the_standard_normal_prior_by_hand():
+    head = ProbabilisticHead(2)
+    mu = torch.tensor([[[0.5, -1.0]]])
+    sigma = torch.tensor([[[1.0, 0.5]]])
+    out = HeadOutput(logits=torch.zeros(1, 1, 1), mu=mu, sigma=sigma, z=torch.zeros(1, 1, 1, 2))
+    # Per dimension: -log s + (s^2 + m^2) / 2 - 1/2.
+    expected = (0 + (1 + 0.25) / 2 - 0.5) + (-math.log(0.5) + (0.25 + 1) / 2 - 0.5)
+    value = kl_to_prior(head, out, torch.zeros(1, 2), torch.tensor([1]), "standard")
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_to_the_clip_informed_prior_is_zero_at_initialisation():
+    head = ProbabilisticHead(DIM)
+    text_mean, text_std = torch.randn(3, DIM), torch.rand(3, DIM) * 0.1
+    head.add_task(text_mean, text_std)
+    mu, sigma = head.distribution(text_mean, torch.tensor([1, 1, 1]))
+    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z=torch.zeros(1, 1, 3, DIM))
+    assert kl_to_prior(head, out, text_mean, torch.tensor([1, 1, 1]), "clip").item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        head.encoders[0].mean.bias.add_(0.5)
+    mu, sigma = head.distribution(text_mean, torch.tensor([1, 1, 1]))
+    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z=torch.zeros(1, 1, 3, DIM))
+    # Shifting every mean by 0.5: sum over dimensions of 0.5^2 / (2 sigma_p^2).
+    expected = (0.25 / (2 * sigma**2)).sum(dim=-1).mean().item()
+    assert kl_to_prior(head, out, text_mean, torch.tensor([1, 1, 1]), "clip").item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_language_regulariser_by_hand():
+    # Template means w_0 = (1, 0), w_1 = (0, 1); mean residuals z_0 = (2, 0), z_1 = (0, 1).
+    templates = torch.tensor([[[1.0, 0.5], [1.0, -0.5]], [[0.5, 1.0], [-0.5, 1.0]]])
+    z = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[3.0, 0.0], [0.0, 0.0]]]])  # [M=2, B=1, C=2, d=2]
+    # S = [[2, 0], [0, 1]]: CE = mean(log(1 + e^-2), log(1 + e^-1)).
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
+    assert language_regulariser(z, templates).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uncertainty_outputs():
+    sample_logits = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])  # two samples that disagree
+    summary = predictive_summary(sample_logits)
+    assert torch.allclose(summary["probs"], torch.tensor([[0.5, 0.5]]))
+    assert summary["entropy"].item() == pytest.approx(math.log(2))
+    assert summary["energy"].item() == pytest.approx(math.log(2 * math.e))
+    p = 1 / (1 + math.exp(-2))
+    # Each class's probability is p in one sample and 1 - p in the other.
+    assert summary["variance"].item() == pytest.approx(2 * (p - 0.5) ** 2, rel=1e-5)
+    assert predictive_summary(sample_logits[:1])["variance"] is None
+
+
+def test_head_state_round_trips():
+    head = _trained_like_head(n_tasks=3)
+    ids, features, _ = _classes()
+    class_task = torch.tensor([1, 2, 2, 3, 3])
+    loaded = load_head(head_state(head), DIM, 3, head.std_floor)
+    noise = inference_noise(0, ids, 3, DIM)
+    images = torch.randn(4, DIM)
+    a = Classifier(ids, features, 10.0, head, class_task, noise).sample_logits(images)
+    b = Classifier(ids, features, 10.0, loaded, class_task, noise).sample_logits(images)
+    assert torch.equal(a, b)
