@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline import config, steps
 
-METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "transfer")
+METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "transfer", "ece_last")
+SCORES = ("max_probability", "energy", "sample_variance")
 
 
 def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
@@ -47,6 +48,9 @@ def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
         steps.run_evaluate(cfg, task)
     report = steps.run_report(cfg)
     report["finetune_seconds"] = time.perf_counter() - start
+    report["finetune_seconds_per_task"] = [report["seconds_per_task"][str(t)].get("finetune") for t in range(1, n + 1)]
+    for score in SCORES:
+        report[f"auroc_{score}"] = report["novelty"].get(score, {}).get("auroc")
     return report
 
 
@@ -62,19 +66,30 @@ def main() -> None:
         for method in args.methods:
             report = run(seed, method, args.out, args.overrides)
             results[method].append(report)
-            print(f"seed {seed} {method}: " + ", ".join(f"{k} {100 * report[k]:.1f}" for k in METRICS), flush=True)
+            figures = [f"{k} {100 * report[k]:.1f}" for k in METRICS]
+            figures += [f"AUROC {s} {100 * report[f'auroc_{s}']:.1f}" for s in SCORES if report[f"auroc_{s}"] is not None]
+            figures.append("finetune s/task " + " ".join(f"{v:.1f}" for v in report["finetune_seconds_per_task"] if v is not None))
+            print(f"seed {seed} {method}: " + ", ".join(figures), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
-    def cell(values: list[float]) -> str:
+    def cell(values: list[float | None]) -> str:
+        if any(v is None for v in values):
+            return "n/a (deterministic)"
         values = [100 * v for v in values]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
     print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); mean ± std, in %")
-    print("| method | avg incremental acc | last acc | forgetting | transfer |")
-    print("| --- | --- | --- | --- | --- |")
+    columns = [*METRICS, *(f"auroc_{s}" for s in SCORES)]
+    print("| method | avg incremental acc | last acc | forgetting | transfer | ECE (last task) "
+          "| novel AUROC max-prob | novel AUROC energy | novel AUROC sample variance |")
+    print("| --- " * (len(columns) + 1) + "|")
     for method, reports in results.items():
-        print(f"| {method} | " + " | ".join(cell([r[k] for r in reports]) for k in METRICS) + " |")
+        print(f"| {method} | " + " | ".join(cell([r[k] for r in reports]) for k in columns) + " |")
+    print("\nfinetune seconds per task (mean over seeds):")
+    for method, reports in results.items():
+        per_task = [statistics.mean(r["finetune_seconds_per_task"][t] or 0.0 for r in reports) for t in range(len(reports[0]["finetune_seconds_per_task"]))]
+        print(f"  {method}: " + " ".join(f"{v:.1f}" for v in per_task) + f" (total {sum(per_task):.1f})")
 
 
 if __name__ == "__main__":

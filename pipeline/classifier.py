@@ -24,7 +24,7 @@ class Classifier:
     logit_scale: float
     head: ProbabilisticHead | None = None
     class_task: torch.Tensor | None = None  # [C], task of each class (1-based)
-    noise: torch.Tensor | None = None  # [M, 1, C, d]
+    noise: torch.Tensor | None = None  # [M, C, d]
 
     @property
     def mc_samples(self) -> int:

@@ -77,7 +77,7 @@ class HeadOutput:
     logits: torch.Tensor  # [M, B, C]
     mu: torch.Tensor  # [B, C, d]
     sigma: torch.Tensor  # [B, C, d]
-    z: torch.Tensor  # [M, B, C, d]
+    z_mean: torch.Tensor  # [C, d], the samples z averaged over samples and images
 
 
 class ProbabilisticHead(nn.Module):
@@ -135,23 +135,36 @@ class ProbabilisticHead(nn.Module):
         logit_scale: float,
         noise: torch.Tensor,
     ) -> HeadOutput:
-        """``noise``: standard normal, ``[M, B, C, d]`` or ``[M, 1, C, d]`` (shared by images)."""
+        """Logits ``s <norm(e), norm(f + v + mu + sigma * eps_m)>`` for standard-normal
+        ``noise`` ``eps`` of shape ``[M, C, d]``, shared by the images (common random numbers:
+        each image's estimate is unbiased, and none depends on its batch).
+
+        The ``[M, B, C, d]`` sampled features are never built: with ``a = f + v + mu``,
+        ``<e, a + sigma eps> = <e, a> + <e sigma, eps>`` and
+        ``|a + sigma eps|^2 = |a|^2 + 2 <a sigma, eps> + <sigma^2, eps^2>``, each a batched
+        matrix product over ``d``."""
         e = F.normalize(images.float(), dim=-1)
         v = self.attention(class_features, e, class_task)
         base = class_features[None] + v
         mu, sigma = self.distribution(base, class_task)
-        z = mu[None] + sigma[None] * noise
-        h = F.normalize(base[None] + z, dim=-1)
-        logits = logit_scale * torch.einsum("bd,mbcd->mbc", e, h)
-        return HeadOutput(logits=logits, mu=mu, sigma=sigma, z=z)
+        mean = base + mu
+        along = (e[:, None, :] * mean).sum(dim=-1)
+        squared = (mean * mean).sum(dim=-1)
+        along_noise = torch.einsum("bcd,mcd->mbc", e[:, None, :] * sigma, noise)
+        mixed = torch.einsum("bcd,mcd->mbc", mean * sigma, noise)
+        spread = torch.einsum("bcd,mcd->mbc", sigma * sigma, noise * noise)
+        norm = (squared[None] + 2 * mixed + spread).clamp_min(0).sqrt().clamp_min(1e-12)
+        logits = logit_scale * (along[None] + along_noise) / norm
+        z_mean = mu.mean(dim=0) + sigma.mean(dim=0) * noise.mean(dim=0)
+        return HeadOutput(logits=logits, mu=mu, sigma=sigma, z_mean=z_mean)
 
 
 def inference_noise(seed: int, class_ids: list[int], samples: int, dim: int) -> torch.Tensor:
-    """``[M, 1, C, d]`` standard-normal noise; class ``c``'s part depends on ``(seed, c)`` only."""
+    """``[M, C, d]`` standard-normal noise; class ``c``'s part depends on ``(seed, c)`` only."""
     parts = [
         torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + c)) for c in class_ids
     ]
-    return torch.stack(parts, dim=1)[:, None]
+    return torch.stack(parts, dim=1)
 
 
 def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.Tensor, class_task: torch.Tensor, prior: str) -> torch.Tensor:
@@ -164,11 +177,11 @@ def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.
     return kl_divergence(Normal(out.mu, out.sigma), p).sum(dim=-1).mean()
 
 
-def language_regulariser(z: torch.Tensor, template_features: torch.Tensor) -> torch.Tensor:
-    """``CE(S, c)`` with ``S[c, c'] = mean_{j,m} <w_c^j, z_{c'}^m>`` over the given classes.
+def language_regulariser(z_mean: torch.Tensor, template_features: torch.Tensor) -> torch.Tensor:
+    """``CE(S, c)`` with ``S[c, c'] = mean_{j,m} <w_c^j, z_{c'}^m>`` over the given classes
+    (``z`` also averaged over the batch's images).
 
-    ``z``: ``[M, B, C, d]`` samples of those classes; ``template_features``: ``[C, J, d]``."""
-    z_mean = z.mean(dim=(0, 1))
+    ``z_mean``: ``[C, d]``, those classes' samples averaged; ``template_features``: ``[C, J, d]``."""
     similarity = template_features.mean(dim=1) @ z_mean.T
     return F.cross_entropy(similarity, torch.arange(len(similarity), device=similarity.device))
 
@@ -243,12 +256,12 @@ def train_with_head(
             total, count = 0.0, 0
             for batch in rows.split(prompt_cfg.batch_size):
                 features = learner.features(seen_t)
-                noise = torch.randn(head_cfg.mc_train, len(batch), len(seen), head.dim, generator=generator)
+                noise = torch.randn(head_cfg.mc_train, len(seen), head.dim, generator=generator)
                 out = head(x_all[batch], features, class_task, logit_scale, noise)
                 targets = position[labels[batch]]
                 ce = F.cross_entropy(out.logits.flatten(0, 1), targets.repeat(head_cfg.mc_train))
                 kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior)
-                lang = language_regulariser(out.z[:, :, current], current_templates)
+                lang = language_regulariser(out.z_mean[current], current_templates)
                 loss = ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -66,7 +66,7 @@ def test_a_prediction_does_not_depend_on_the_rest_of_its_batch():
     assert torch.allclose(shuffled, together[order], atol=1e-6)
     assert torch.allclose(alone, together, atol=1e-6)
     # The Monte-Carlo samples do move the prediction: they are part of what is checked.
-    deterministic = Classifier(ids, features, 20.0, head, class_task, torch.zeros(1, 1, 5, DIM)).predict(images)["probs"]
+    deterministic = Classifier(ids, features, 20.0, head, class_task, torch.zeros(1, 5, DIM)).predict(images)["probs"]
     assert not torch.allclose(deterministic, together, atol=1e-3)
 
 
@@ -75,7 +75,21 @@ def test_monte_carlo_estimates_are_reproducible_from_the_seed():
     assert torch.equal(inference_noise(5, ids, 4, DIM), inference_noise(5, ids, 4, DIM))
     assert not torch.equal(inference_noise(5, ids, 4, DIM), inference_noise(6, ids, 4, DIM))
     # A class's noise depends on the class, not on which other classes are seen.
-    assert torch.equal(inference_noise(5, [8, 42], 4, DIM)[:, :, 0], inference_noise(5, ids, 4, DIM)[:, :, 1])
+    assert torch.equal(inference_noise(5, [8, 42], 4, DIM)[:, 0], inference_noise(5, ids, 4, DIM)[:, 1])
+
+
+def test_logits_are_those_of_the_normalised_sampled_features():
+    head = _trained_like_head()
+    ids, features, class_task = _classes()
+    images = torch.randn(6, DIM)
+    noise = torch.randn(3, len(ids), DIM)
+    out = head(images, features, class_task, 12.0, noise)
+    e = F.normalize(images, dim=-1)
+    base = features[None] + head.attention(features, e, class_task)
+    mu, sigma = head.distribution(base, class_task)
+    sampled = F.normalize(base[None] + mu[None] + sigma[None] * noise[:, None], dim=-1)  # [M, B, C, d]
+    assert torch.allclose(out.logits, 12.0 * torch.einsum("bd,mbcd->mbc", e, sampled), atol=1e-5)
+    assert torch.allclose(out.z_mean, (mu[None] + sigma[None] * noise[:, None]).mean(dim=(0, 1)), atol=1e-6)
 
 
 def test_one_sample_without_spread_reduces_to_the_deterministic_learner():
@@ -89,7 +103,7 @@ def test_one_sample_without_spread_reduces_to_the_deterministic_learner():
             head.encoders[-1].std.bias.fill_(-1e4)
     head.eval()
     images = torch.randn(6, DIM)
-    noise = torch.randn(1, 1, len(ids), DIM)
+    noise = torch.randn(1, len(ids), DIM)
     probabilistic = Classifier(ids, features, 30.0, head, class_task, noise).sample_logits(images)
     deterministic = Classifier(ids, features, 30.0).sample_logits(images)
     assert probabilistic.shape == deterministic.shape == (1, 6, 5)
@@ -100,7 +114,7 @@ def test_kl_to_the_standard_normal_prior_by_hand():
     head = ProbabilisticHead(2)
     mu = torch.tensor([[[0.5, -1.0]]])
     sigma = torch.tensor([[[1.0, 0.5]]])
-    out = HeadOutput(logits=torch.zeros(1, 1, 1), mu=mu, sigma=sigma, z=torch.zeros(1, 1, 1, 2))
+    out = HeadOutput(logits=torch.zeros(1, 1, 1), mu=mu, sigma=sigma, z_mean=torch.zeros(1, 2))
     # Per dimension: -log s + (s^2 + m^2) / 2 - 1/2.
     expected = (0 + (1 + 0.25) / 2 - 0.5) + (-math.log(0.5) + (0.25 + 1) / 2 - 0.5)
     value = kl_to_prior(head, out, torch.zeros(1, 2), torch.tensor([1]), "standard")
@@ -112,12 +126,12 @@ def test_kl_to_the_clip_informed_prior_is_zero_at_initialisation():
     text_mean, text_std = torch.randn(3, DIM), torch.rand(3, DIM) * 0.1
     head.add_task(text_mean, text_std)
     mu, sigma = head.distribution(text_mean, torch.tensor([1, 1, 1]))
-    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z=torch.zeros(1, 1, 3, DIM))
+    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z_mean=torch.zeros(3, DIM))
     assert kl_to_prior(head, out, text_mean, torch.tensor([1, 1, 1]), "clip").item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         head.encoders[0].mean.bias.add_(0.5)
     mu, sigma = head.distribution(text_mean, torch.tensor([1, 1, 1]))
-    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z=torch.zeros(1, 1, 3, DIM))
+    out = HeadOutput(logits=torch.zeros(1, 1, 3), mu=mu[None], sigma=sigma[None], z_mean=torch.zeros(3, DIM))
     # Shifting every mean by 0.5: sum over dimensions of 0.5^2 / (2 sigma_p^2).
     expected = (0.25 / (2 * sigma**2)).sum(dim=-1).mean().item()
     assert kl_to_prior(head, out, text_mean, torch.tensor([1, 1, 1]), "clip").item() == pytest.approx(expected, rel=1e-5)
@@ -129,7 +143,7 @@ def test_language_regulariser_by_hand():
     z = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[3.0, 0.0], [0.0, 0.0]]]])  # [M=2, B=1, C=2, d=2]
     # S = [[2, 0], [0, 1]]: CE = mean(log(1 + e^-2), log(1 + e^-1)).
     expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
-    assert language_regulariser(z, templates).item() == pytest.approx(expected, rel=1e-6)
+    assert language_regulariser(z.mean(dim=(0, 1)), templates).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_uncertainty_outputs():
