@@ -167,6 +167,8 @@ class MethodConfig(_Strict):
             raise ValueError(f"method {self.name!r} trains prompts and needs a 'prompt' section")
         if self.name == "clap" and self.head is None:
             raise ValueError("method 'clap' needs a 'head' section")
+        if self.name != "clap" and self.head is not None:
+            raise ValueError(f"method {self.name!r} has no probabilistic head; set 'head: null' or use method 'clap'")
         return self
 
 

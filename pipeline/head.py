@@ -36,12 +36,14 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 
 class VisualGuidedAttention(nn.Module):
-    """One decoder layer (width ``d``, 1 head, GELU), evaluated per image."""
+    """One decoder layer (width ``d``, feed-forward width ``d`` too, 1 head, GELU), evaluated
+    per image. The feed-forward block is the only part that runs per (image, class) pair, so
+    its width sets the head's cost: ``d`` rather than the usual ``4d`` makes it 4x cheaper."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.layer = nn.TransformerDecoderLayer(
-            dim, nhead=1, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True
+            dim, nhead=1, dim_feedforward=dim, dropout=0.0, activation="gelu", batch_first=True
         )
         # Zero-initialised output scale: the head starts as the deterministic learner and
         # the attention learns how much of the image to mix into each class feature.
@@ -170,7 +172,9 @@ def inference_noise(seed: int, class_ids: list[int], samples: int, dim: int) -> 
 def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.Tensor, class_task: torch.Tensor, prior: str) -> torch.Tensor:
     """``KL(q || p)`` summed over dimensions, averaged over images and classes."""
     if prior == "standard":
-        p = Normal(torch.zeros_like(out.mu), torch.ones_like(out.sigma))
+        # Closed form against N(0, I): fewer passes over [B, C, d] than the general one.
+        per_dim = 0.5 * (out.sigma.square() + out.mu.square() - 1.0) - out.sigma.log()
+        return per_dim.sum(dim=-1).mean()
     else:
         p_mu, p_sigma = head.distribution(class_features, class_task, prior=True)
         p = Normal(p_mu.expand_as(out.mu), p_sigma.expand_as(out.sigma))

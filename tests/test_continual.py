@@ -38,7 +38,7 @@ def test_a_whole_run_produces_consistent_outputs(world):
     assert len(report["accuracy_matrix"]) == 3 and len(report["step_accuracy"]) == 3
     assert 0 <= report["last_accuracy"] <= 1
     assert Path(world.paths.plots, "accuracy_matrix.png").stat().st_size > 1000
-    assert read_json(Path(world.paths.metrics) / "report.json")["method"] == "cgil"
+    assert read_json(Path(world.paths.metrics) / "report.json")["method"] == "clap"  # the default
     evaluation = read_json(task_file(world.paths.evaluations, 1, ".json"))
     assert set(evaluation["transfer"]) == {"2", "3"} and set(evaluation["accuracy_row"]) == {"1"}
     assert {"generators", "replay", "finetune"} <= set(evaluation["seconds"])
@@ -63,8 +63,16 @@ def test_replay_pool_is_reproducible_from_the_seed(world):
     assert torch.equal(first["embeddings"], read_tensors(task_file(world.paths.replay, 1))["embeddings"])
 
 
+def _with_method(name: str, *extra: str):
+    from conftest import TINY
+    from pipeline import config
+
+    base = [o for o in TINY if name != "zeroshot" or not o.startswith("method.prompt.")]
+    return config.load(None, base + [f"method={name}", *extra])
+
+
 def test_zeroshot_method_uses_the_zero_shot_classifier(world):
-    cfg = world.model_copy(update={"method": world.method.model_copy(update={"name": "zeroshot", "train_on": "none"})})
+    cfg = _with_method("zeroshot")
     _run_tasks(cfg, 1)
     result = read_json(task_file(cfg.paths.evaluations, 1, ".json"))
     backbone = backbone_lib.load_backbone(cfg.paths.backbone)
@@ -186,10 +194,7 @@ def test_finetune_needs_the_previous_task(world):
 
 
 def _clap(world):
-    from conftest import TINY
-    from pipeline import config
-
-    return config.load(None, TINY + ["method=clap", "method.head.mc_train=3", "method.head.mc_test=4"])
+    return _with_method("clap", "method.head.mc_train=3", "method.head.mc_test=4")
 
 
 def test_clap_run_reports_calibration_and_novel_class_detection(world):
@@ -234,7 +239,7 @@ def test_clap_finetune_reads_only_the_replay_pool_and_the_previous_state(world):
 
 
 def test_a_prompt_state_without_a_head_is_named(world):
-    _run_tasks(world, 1)  # cgil: no head in the saved state
+    _run_tasks(_with_method("cgil"), 1)  # no head in the saved state
     cfg = _clap(world)
     with pytest.raises(TaskInputError, match=r"task-01\.safetensors.*no probabilistic head.*'cgil'"):
         steps.run_evaluate(cfg, 1)
