@@ -35,6 +35,7 @@ def _run(fn):
     from pipeline.embed import EmbeddingMismatch
     from pipeline.generators import GeneratorError
     from pipeline.prompts import PromptError
+    from pipeline.serving import ServingError
     from pipeline.split import SplitError
     from pipeline.steps import TaskInputError
 
@@ -42,7 +43,7 @@ def _run(fn):
         return fn()
     except (
         ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
-        TaskInputError, FileNotFoundError,
+        TaskInputError, ServingError, FileNotFoundError,
     ) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -174,6 +175,67 @@ def summary(params: Path = ParamsOption, overrides: Optional[list[str]] = Overri
     from pipeline import steps
 
     typer.echo(_run(lambda: steps.summary(_config(params, overrides))))
+
+
+@app.command()
+def classify(
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files to classify."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default: <experiment>-classifier of the current params)."),
+    alias: str = typer.Option("champion", "--alias", "-a", help="Alias of the version to use: champion, task-3, ..."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A safetensors file with an 'embeddings' tensor [N, d] instead of images."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input instead of a table."),
+    params: Path = ParamsOption,
+) -> None:
+    """Classify images (or embeddings) with a registered model version, by name and alias."""
+
+    def run():
+        import json
+        import math
+
+        import mlflow
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+
+        from pipeline import config
+        from pipeline.io import read_tensors
+        from pipeline.serving import ServingError
+        from pipeline.tracking import experiment_name, tracking_uri
+
+        cfg = config.load(params if params.exists() else None, None)
+        name = model or f"{experiment_name(cfg)}-classifier"
+        if bool(images) == bool(embeddings):
+            raise ServingError("give image files or --embeddings (one of the two)")
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        uri = f"models:/{name}@{alias}"
+        try:
+            loaded = mlflow.pyfunc.load_model(uri)
+        except MlflowException as exc:
+            raise ServingError(f"{uri} ({tracking_uri(cfg)}): {exc.message}") from None
+        if images:
+            missing = [str(p) for p in images if not p.is_file()]
+            if missing:
+                raise ServingError(f"no such image file(s): {', '.join(missing)}")
+            frame = pd.DataFrame({"image": [str(p.resolve()) for p in images]})
+            names = [str(p) for p in images]
+        else:
+            x = read_tensors(embeddings).get("embeddings")
+            if x is None:
+                raise ServingError(f"{embeddings}: no 'embeddings' tensor")
+            frame = pd.DataFrame({"embedding": [row.tolist() for row in x.double()]})
+            names = [f"{embeddings.name}[{i}]" for i in range(len(x))]
+        result = loaded.predict(frame)
+        for source, row in zip(names, result.to_dict(orient="records")):
+            if as_json:
+                row["probabilities"] = [float(p) for p in row["probabilities"]]
+                typer.echo(json.dumps({"input": source, **row}))
+            else:
+                variance = "n/a" if math.isnan(row["sample_variance"]) else f"{row['sample_variance']:.4f}"
+                typer.echo(
+                    f"{source}: {row['label']} (p={row['max_probability']:.3f}, entropy {row['entropy']:.3f}, "
+                    f"energy {row['energy']:.2f}, sample variance {variance})"
+                )
+
+    _run(run)
 
 
 @app.command("compose-params")

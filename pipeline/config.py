@@ -227,9 +227,19 @@ class SplitConfig(_Strict):
         return self
 
 
+class GateConfig(_Strict):
+    """When a task's classifier version may take the ``champion`` alias (fractions, not %)."""
+
+    max_task_drop: float = Field(default=0.10, ge=0, le=1)
+    max_average_drop: float = Field(default=0.03, ge=0, le=1)
+
+
 class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str | None = None
+    # Register each task's classifier as a servable MLflow pyfunc model version.
+    register_classifier: bool = True
+    gate: GateConfig = GateConfig()
 
 
 class EmbedConfig(_Strict):

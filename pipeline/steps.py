@@ -372,7 +372,8 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
     training task ``task``."""
     from pipeline.evaluate import evaluate_task, plot_reliability
 
-    with Tracker(cfg).step("evaluate", task=task) as run:
+    tracker = Tracker(cfg)
+    with tracker.step("evaluate", task=task) as run:
         split = load_split(cfg.paths.split)
         backbone = backbone_lib.load_backbone(cfg.paths.backbone)
         text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
@@ -410,7 +411,67 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
             plot_reliability(result["calibration"]["bins"], result["calibration"]["ece"], diagram,
                              f"{cfg.method.name} after task {task}")
             run.log_artifact(diagram, "plots")
+            if cfg.tracking.register_classifier:
+                result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result, Path(tmp))
     return result
+
+
+def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifier, backbone, result: dict, tmp: Path) -> dict:
+    """A pyfunc model version of this task's classifier, aliased ``task-<k>``; it takes the
+    ``champion`` alias only if it passes the gate against the current champion."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import serving
+
+    names = load_prepared(cfg.paths.prepared).classes
+    path = tmp / serving.CLASSIFIER_FILE
+    backbone_ref = {
+        "name": cfg.backbone.name, "arch": backbone.info["arch"], "sha256": backbone.sha256,
+        "folder": str(Path(cfg.paths.backbone).resolve()),
+        "source": cfg.backbone.source, "pretrained": cfg.backbone.pretrained,
+    }
+    serving.save_classifier(path, classifier, names, backbone_ref, {"task": task, "method": cfg.method.name, "seed": cfg.seed})
+    model_uri = serving.log_pyfunc(tracker.uri, run.run_id, path, classifier.class_features.shape[1])
+    name = tracker.model_name("classifier")
+    try:
+        tracker.client.create_registered_model(name, description=(
+            "Classifier after each task: learned prompts (and probabilistic head) over the classes seen so far. "
+            "Alias task-<k> marks each task's version; champion the best one that passed the gate."
+        ))
+    except MlflowException:
+        pass  # already registered
+    accuracy = {k: float(v) for k, v in result["accuracy_row"].items()}
+    tags = {
+        **tracker.version_tags(task),
+        "step_accuracy": f"{result['step_accuracy']:.4f}",
+        "ece": f"{result['calibration']['ece']:.4f}",
+        "accuracy_row": json.dumps(accuracy),
+    }
+    version = tracker.client.create_model_version(name, source=model_uri, run_id=run.run_id, tags=tags).version
+    tracker.client.set_registered_model_alias(name, f"task-{task}", version)
+    try:
+        champion = tracker.client.get_model_version_by_alias(name, "champion")
+        champion_row = {k: float(v) for k, v in json.loads(champion.tags.get("accuracy_row", "{}")).items()}
+        champion_version = champion.version
+    except MlflowException:
+        champion_row, champion_version = None, None
+    gate = cfg.tracking.gate
+    passed, reasons = serving.gate_decision(accuracy, champion_row, gate.max_task_drop, gate.max_average_drop)
+    if passed:
+        tracker.client.set_registered_model_alias(name, "champion", version)
+    decision = {
+        "model": name, "version": version, "promoted": passed, "reasons": reasons,
+        "champion_before": champion_version, "gate": gate.model_dump(),
+    }
+    tracker.client.set_model_version_tag(name, version, "gate", "passed" if passed else "rejected")
+    tracker.client.set_model_version_tag(name, version, "gate_reasons", " | ".join(reasons)[:5000])
+    run.set_tag("recall.gate", "passed" if passed else "rejected")
+    run.set_tag("recall.gate_reasons", " | ".join(reasons)[:5000])
+    run.log_metric("gate_passed", float(passed), step=task)
+    (tmp / "gate.json").write_text(json.dumps(decision, indent=2))
+    run.log_artifact(tmp / "gate.json", "gate")
+    log.info("task %d classifier %s v%s: %s (%s)", task, name, version, "champion" if passed else "not promoted", "; ".join(reasons))
+    return decision
 
 
 def _seconds_of(path: Path) -> float:

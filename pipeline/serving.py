@@ -1,0 +1,258 @@
+"""The servable classifier of a task: an MLflow pyfunc model, and the promotion gate.
+
+A version holds what classifying needs after that task, and nothing of the training data:
+the learned class features ``f_c`` of the seen classes, the probabilistic head (if the
+method has one) with its fixed inference noise, the class names, and a *reference* to the
+frozen backbone (its folder and sha256), which is loaded only when images are given.
+``predict`` takes images (paths, raw bytes or base64 strings) or precomputed embeddings and
+returns per input the label, the class probabilities and the uncertainty scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.classifier import Classifier, head_state, load_head
+from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
+
+CLASSIFIER_FILE = "classifier.safetensors"
+OUTPUT_COLUMNS = ["label", "class_id", "max_probability", "entropy", "energy", "sample_variance", "probabilities"]
+
+
+class ServingError(ValueError):
+    pass
+
+
+def save_classifier(path: str | Path, classifier: Classifier, class_names: list[str], backbone_ref: dict[str, Any], extra: dict[str, Any]) -> None:
+    tensors = {"class_features": classifier.class_features.detach().float()}
+    if classifier.head is not None:
+        tensors.update(head_state(classifier.head))
+        tensors["class_task"] = classifier.class_task
+        tensors["noise"] = classifier.noise
+    metadata = {
+        "class_ids": json.dumps(classifier.class_ids),
+        "class_names": json.dumps([class_names[c] for c in classifier.class_ids]),
+        "logit_scale": repr(classifier.logit_scale),
+        "head_tasks": str(classifier.head.n_tasks if classifier.head is not None else 0),
+        "std_floor": repr(classifier.head.std_floor if classifier.head is not None else 0.0),
+        "backbone": json.dumps(backbone_ref),
+        **{k: json.dumps(v) for k, v in extra.items()},
+    }
+    write_tensors(path, tensors, metadata=metadata)
+
+
+def load_classifier_file(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise ServingError(f"{path}: no saved classifier")
+    meta = read_tensor_metadata(path)
+    tensors = read_tensors(path)
+    classifier = Classifier(json.loads(meta["class_ids"]), tensors["class_features"], float(meta["logit_scale"]))
+    n_tasks = int(meta["head_tasks"])
+    if n_tasks:
+        dim = tensors["class_features"].shape[1]
+        classifier.head = load_head(tensors, dim, n_tasks, float(meta["std_floor"]))
+        classifier.class_task = tensors["class_task"]
+        classifier.noise = tensors["noise"]
+    info = {k: json.loads(v) for k, v in meta.items() if k not in ("logit_scale", "head_tasks", "std_floor")}
+    return classifier, info
+
+
+def predictions_table(classifier: Classifier, class_names: list[str], embeddings: torch.Tensor) -> list[dict[str, Any]]:
+    out = classifier.predict(embeddings)
+    position = {c: i for i, c in enumerate(classifier.class_ids)}
+    rows = []
+    for i in range(len(embeddings)):
+        class_id = int(out["label"][i])
+        variance = out["variance"]
+        rows.append({
+            "label": class_names[position[class_id]],
+            "class_id": class_id,
+            "max_probability": float(out["probs"][i].max()),
+            "entropy": float(out["entropy"][i]),
+            "energy": float(out["energy"][i]),
+            # A deterministic classifier has no samples to vary over.
+            "sample_variance": float(variance[i]) if variance is not None else math.nan,
+            "probabilities": [float(p) for p in out["probs"][i]],
+        })
+    return rows
+
+
+def decode_image(value: Any, row: int):
+    """A PIL image from a path, raw bytes or a base64 string."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        if isinstance(value, str):
+            if Path(value).exists():
+                return Image.open(value).convert("RGB")
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ServingError(f"row {row}: {value[:80]!r} is neither an existing image file nor base64 image bytes") from None
+            return Image.open(io.BytesIO(raw)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ServingError(f"row {row}: cannot read the image ({exc})") from None
+    raise ServingError(f"row {row}: an image must be a path, bytes or a base64 string, not {type(value).__name__}")
+
+
+class RecallClassifierModel:
+    """Body of the pyfunc model; kept free of MLflow so the CLI and tests can use it directly."""
+
+    def __init__(self, classifier_path: str | Path):
+        self.classifier, self.info = load_classifier_file(classifier_path)
+        self.class_names: list[str] = self.info["class_names"]
+        self._backbone = None
+
+    def backbone(self):
+        if self._backbone is None:
+            from pipeline.backbone import BackboneError, load_backbone
+
+            ref = self.info["backbone"]
+            try:
+                backbone = load_backbone(ref["folder"])
+            except BackboneError as exc:
+                raise ServingError(
+                    f"images need the frozen backbone {ref['name']} (sha256 {ref['sha256'][:12]}) at {ref['folder']}: {exc}"
+                ) from None
+            if backbone.sha256 != ref["sha256"]:
+                raise ServingError(
+                    f"{ref['folder']}: backbone sha256 {backbone.sha256[:12]} is not the one this model was trained "
+                    f"with ({ref['sha256'][:12]})"
+                )
+            self._backbone = backbone
+        return self._backbone
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Any]) -> torch.Tensor:
+        backbone = self.backbone()
+        batch = torch.stack([backbone.preprocess(decode_image(value, i)) for i, value in enumerate(images)])
+        return backbone.model.encode_image(batch).float()
+
+    def predict_rows(self, images: list[Any] | None = None, embeddings: list[Any] | None = None) -> list[dict[str, Any]]:
+        if images is not None:
+            x = self.embed_images(images)
+        elif embeddings is not None:
+            try:
+                x = torch.tensor([list(map(float, e)) for e in embeddings], dtype=torch.float32)
+            except (TypeError, ValueError) as exc:
+                raise ServingError(f"embeddings must be lists of numbers: {exc}") from None
+            dim = self.classifier.class_features.shape[1]
+            if x.ndim != 2 or x.shape[1] != dim:
+                raise ServingError(f"embeddings must have {dim} values each, got shape {tuple(x.shape)}")
+        else:
+            raise ServingError("give an 'image' or an 'embedding' column")
+        if not torch.isfinite(x).all():
+            bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
+            raise ServingError(f"rows {bad}: NaN or inf in the embedding")
+        return predictions_table(self.classifier, self.class_names, x)
+
+    def predict_frame(self, frame):
+        import pandas as pd
+
+        columns = set(frame.columns)
+        images = embeddings = None
+        if "image" in columns and frame["image"].notna().all():
+            images = list(frame["image"])
+        elif "embedding" in columns and frame["embedding"].notna().all():
+            embeddings = list(frame["embedding"])
+        else:
+            raise ServingError(f"input needs an 'image' or an 'embedding' column filled in every row; got columns {sorted(columns)}")
+        return pd.DataFrame(self.predict_rows(images=images, embeddings=embeddings), columns=OUTPUT_COLUMNS)
+
+
+def signature_and_example(dim: int):
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "image", required=False),
+        ColSpec(Array("double"), "embedding", required=False),
+    ])
+    outputs = Schema([
+        ColSpec("string", "label"), ColSpec("long", "class_id"), ColSpec("double", "max_probability"),
+        ColSpec("double", "entropy"), ColSpec("double", "energy"), ColSpec("double", "sample_variance"),
+        ColSpec(Array("double"), "probabilities"),
+    ])
+    example = pd.DataFrame({"embedding": [[0.0] * dim]})
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def pinned_requirements() -> list[str]:
+    """What the model needs, pinned to this environment's versions. torch's local tag
+    (``+cpu``) is dropped: it names a wheel index, not a version pip can resolve."""
+    from importlib.metadata import version
+
+    pins = []
+    for dist in ("torch", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow", "mlflow"):
+        try:
+            pins.append(f"{dist}=={version(dist).split('+')[0]}")
+        except Exception:
+            continue
+    return pins
+
+
+def log_pyfunc(tracking_uri: str, run_id: str, classifier_path: Path, dim: int) -> str:
+    """Log the pyfunc model under the run; returns its model URI."""
+    import mlflow
+
+    signature, example = signature_and_example(dim)
+    package = Path(__file__).resolve().parent
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=str(package / "pyfunc_model.py"),
+            artifacts={"classifier": str(classifier_path)},
+            code_paths=[str(package)],
+            pip_requirements=pinned_requirements(),
+            signature=signature,
+            input_example=example,
+        )
+    return info.model_uri
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def gate_decision(candidate: dict[str, float], champion: dict[str, float] | None, max_task_drop: float, max_average_drop: float) -> tuple[bool, list[str]]:
+    """Whether the candidate may become champion. Both are ``{task: accuracy}`` rows.
+
+    Rejected if its accuracy on any task the champion covers is more than ``max_task_drop``
+    below the champion's, or its mean accuracy over those tasks is more than
+    ``max_average_drop`` below the champion's mean."""
+    if champion is None:
+        return True, ["no champion yet"]
+    reasons, passed = [], True
+    shared = sorted(set(champion) & set(candidate), key=int)
+    for task in shared:
+        drop = champion[task] - candidate[task]
+        if drop > max_task_drop:
+            passed = False
+            reasons.append(
+                f"task {task}: accuracy {100 * candidate[task]:.1f}% is {100 * drop:.1f} points below the "
+                f"champion's {100 * champion[task]:.1f}% (allowed {100 * max_task_drop:.1f})"
+            )
+    if shared:
+        ours = sum(candidate[t] for t in shared) / len(shared)
+        theirs = sum(champion[t] for t in shared) / len(shared)
+        if theirs - ours > max_average_drop:
+            passed = False
+            reasons.append(
+                f"mean accuracy over tasks {', '.join(shared)}: {100 * ours:.1f}% against the champion's "
+                f"{100 * theirs:.1f}% (allowed drop {100 * max_average_drop:.1f})"
+            )
+    if passed:
+        reasons.append(f"no earlier task drops more than {100 * max_task_drop:.1f} points; mean accuracy kept")
+    return passed, reasons

@@ -1,0 +1,124 @@
+"""Registered classifier versions: the pyfunc model, its aliases and the promotion gate."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import steps
+from pipeline.serving import gate_decision
+
+MODEL = "recall-shapes-tiny-classifier"
+
+
+def test_gate_decision_by_hand():
+    assert gate_decision({"1": 0.5}, None, 0.1, 0.0) == (True, ["no champion yet"])
+    passed, reasons = gate_decision({"1": 0.85, "2": 0.9, "3": 0.7}, {"1": 0.9, "2": 0.9}, 0.10, 0.03)
+    assert passed, reasons
+    passed, reasons = gate_decision({"1": 0.6, "2": 0.95}, {"1": 0.9, "2": 0.9}, 0.10, 0.5)
+    assert not passed and len(reasons) == 1 and reasons[0].startswith("task 1: accuracy 60.0%")
+    # Each task within bounds, but the mean over them falls too far.
+    passed, reasons = gate_decision({"1": 0.84, "2": 0.84}, {"1": 0.9, "2": 0.9}, 0.10, 0.03)
+    assert not passed and reasons[0].startswith("mean accuracy over tasks 1, 2: 84.0%")
+
+
+def _cfg(method: str, *extra: str):
+    from conftest import TINY
+    from pipeline import config
+
+    return config.load(None, TINY + [f"method={method}", "method.prompt.epochs=40", *extra])
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(cfg))
+
+
+def _task(cfg, task: int) -> dict:
+    steps.run_fit_generators(cfg, task)
+    steps.run_replay(cfg, task)
+    steps.run_finetune(cfg, task)
+    return steps.run_evaluate(cfg, task)
+
+
+def test_a_version_trained_without_replay_is_registered_but_not_champion(world):
+    good = _cfg("cgil")
+    steps.run_init_prompts(good)
+    first = _task(good, 1)
+    assert first["registry"]["promoted"] and first["registry"]["reasons"] == ["no champion yet"]
+    worse = _cfg("sequential", "tracking.gate.max_task_drop=0.1")
+    second = _task(worse, 2)
+    decision = second["registry"]
+    assert not decision["promoted"], decision
+    assert any(reason.startswith("task 1: accuracy") for reason in decision["reasons"])
+    client = _client(worse)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first["registry"]["version"]
+    rejected = client.get_model_version_by_alias(MODEL, "task-2")
+    assert rejected.version == decision["version"] and rejected.tags["gate"] == "rejected"
+    assert "task 1: accuracy" in rejected.tags["gate_reasons"]
+    run = client.get_run(rejected.run_id)
+    assert run.data.tags["recall.gate"] == "rejected" and "task 1" in run.data.tags["recall.gate_reasons"]
+    assert run.data.metrics["gate_passed"] == 0.0
+    gate_file = Path(client.download_artifacts(rejected.run_id, "gate/gate.json"))
+    assert json.loads(gate_file.read_text())["champion_before"] == first["registry"]["version"]
+
+
+def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(world):
+    import mlflow
+    import pandas as pd
+
+    from pipeline import backbone as backbone_lib
+    from pipeline import embed as embed_lib
+    from pipeline.data import load_prepared
+    from pipeline.split import load_split
+    from pipeline.tracking import tracking_uri
+
+    cfg = _cfg("clap", "method.head.mc_test=5")
+    steps.run_init_prompts(cfg)
+    _task(cfg, 1)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@task-1")
+    assert model.metadata.signature is not None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@task-1"))
+    requirements = (local / "requirements.txt").read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}\n" in requirements and "+cpu" not in requirements
+    assert (local / "serving_input_example.json").exists()
+
+    backbone = backbone_lib.load_backbone(cfg.paths.backbone)
+    text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / "text.safetensors", backbone.sha256)
+    expected = steps.load_classifier(cfg, 1, backbone, text, load_split(cfg.paths.split))
+    test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
+    x = test["embeddings"][:6]
+    out = model.predict(pd.DataFrame({"embedding": [row.tolist() for row in x.double()]}))
+    want = expected.predict(x)
+    assert torch.allclose(torch.tensor(list(out["probabilities"]), dtype=torch.float64), want["probs"].double(), atol=1e-5)
+    assert list(out["class_id"]) == want["label"].tolist()
+    assert (out["sample_variance"] >= 0).all() and not out["sample_variance"].isna().any()
+    names = load_prepared(cfg.paths.prepared).classes
+    assert list(out["label"]) == [names[c] for c in want["label"].tolist()]
+
+    # An image as a path, as raw bytes and as base64 gives what its embedding gives.
+    prepared = load_prepared(cfg.paths.prepared)
+    image_path = prepared.image_path(prepared.samples("test")[0])
+    raw = image_path.read_bytes()
+    by_path = model.predict(pd.DataFrame({"image": [str(image_path)]}))
+    by_b64 = model.predict(pd.DataFrame({"image": [base64.b64encode(raw).decode()]}))
+    from PIL import Image
+
+    with torch.no_grad():
+        embedding = backbone.model.encode_image(backbone.preprocess(Image.open(image_path).convert("RGB"))[None]).float()
+    direct = expected.predict(embedding)
+    for frame in (by_path, by_b64):
+        assert torch.allclose(torch.tensor(frame["probabilities"][0], dtype=torch.float64), direct["probs"][0].double(), atol=1e-5)
+    from pipeline.serving import RecallClassifierModel
+
+    body = RecallClassifierModel(local / "artifacts" / "classifier.safetensors")
+    assert body.predict_rows(images=[raw])[0]["class_id"] == int(direct["label"][0])
