@@ -29,13 +29,15 @@ def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
         f"paths.split={seed_dir}/split.json", f"paths.generators={seed_dir}/generators",
         f"paths.replay={seed_dir}/replay", f"paths.prompts={run_dir}/prompts",
         f"paths.metrics={run_dir}/metrics", f"paths.evaluations={run_dir}/metrics/tasks", f"paths.plots={run_dir}/plots",
+        # Comparing methods needs no servable model versions (registering one costs seconds).
+        "tracking.register_classifier=false",
         *extra,
     ]
     cfg = config.load(None, overrides)
     n = cfg.split.n_tasks
     if not Path(cfg.paths.split).exists():
         steps.run_split(cfg)
-    if method in ("cgil", "clap"):
+    if cfg.method.train_on == "replay":
         for task in range(1, n + 1):
             if not steps.task_file(cfg.paths.generators, task).exists():
                 steps.run_fit_generators(cfg, task)

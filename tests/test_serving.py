@@ -122,3 +122,73 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
 
     body = RecallClassifierModel(local / "artifacts" / "classifier.safetensors")
     assert body.predict_rows(images=[raw])[0]["class_id"] == int(direct["label"][0])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_over_http(world):
+    """`mlflow models serve` on a registered version, in this environment
+    (`--env-manager local`: offline, no new environment can be built)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipeline.data import load_prepared
+    from pipeline.tracking import tracking_uri
+
+    cfg = _cfg("clap", "method.head.mc_test=5")
+    steps.run_init_prompts(cfg)
+    _task(cfg, 1)
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+
+        def invoke(payload: dict) -> list[dict]:
+            request = urllib.request.Request(
+                f"{base}/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())["predictions"]
+
+        prepared = load_prepared(cfg.paths.prepared)
+        image = base64.b64encode(prepared.image_path(prepared.samples("test")[0]).read_bytes()).decode()
+        by_image = invoke({"dataframe_records": [{"image": image}]})
+        dim = 128
+        by_embedding = invoke({"dataframe_split": {"columns": ["embedding"], "data": [[[0.05] * dim], [[-0.05] * dim]]}})
+        assert len(by_image) == 1 and len(by_embedding) == 2
+        for row in by_image + by_embedding:
+            assert row["label"] in prepared.classes
+            assert math.isclose(sum(row["probabilities"]), 1.0, rel_tol=1e-5)
+            assert row["sample_variance"] >= 0 and row["entropy"] >= 0 and "energy" in row
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
