@@ -447,7 +447,11 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
         "ece": f"{result['calibration']['ece']:.4f}",
         "accuracy_row": json.dumps(accuracy),
     }
-    version = tracker.client.create_model_version(name, source=model_uri, run_id=run.run_id, tags=tags).version
+    import mlflow
+
+    # register_model links the version to the logged model (a tracking server requires it).
+    mlflow.set_tracking_uri(tracker.uri)
+    version = mlflow.register_model(model_uri, name, tags=tags).version
     tracker.client.set_registered_model_alias(name, f"task-{task}", version)
     try:
         champion = tracker.client.get_model_version_by_alias(name, "champion")

@@ -101,3 +101,52 @@ def world(tiny_world, tmp_path, monkeypatch):
 
 def venv_bin() -> Path:
     return Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifact
+    store under tmp_path), stopped by PID afterwards. Yields (uri, artifacts folder)."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    store = tmp_path / "mlflow-server"
+    store.mkdir()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{venv_bin()}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(venv_bin() / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'server.db'}", "--artifacts-destination", str(store / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield uri, store / "artifacts"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

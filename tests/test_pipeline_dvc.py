@@ -92,7 +92,10 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def test_dvc_repro_runs_the_demo_then_nothing(repo):
+def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
+    # Tracked on a real MLflow server: every step process finds it through the environment.
+    server_uri, server_artifacts = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
     first = _sh(repo, "dvc", "repro")
     assert _ran(first.stdout) == ALL_STAGES
     assert "per-step accuracy" in first.stdout
@@ -139,10 +142,33 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo):
     # And the run appears in MLflow under the experiment's own pipeline run.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    keys = {r.data.tags.get("recall.pipeline_key") for r in runs if r.data.tags.get("recall.role") == "pipeline"}
+    client = MlflowClient(server_uri)
+    assert not (repo / "mlflow.db").exists()  # nothing went to the local default store
+    experiment = client.get_experiment_by_name("recall-shapes-tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    pipelines = [r for r in runs if r.data.tags.get("recall.role") == "pipeline"]
+    keys = {r.data.tags["recall.pipeline_key"] for r in pipelines}
     assert any(k.startswith("dvc-exp:") for k in keys) and any(k.startswith("config:") for k in keys)
+    # The first repro: one parent, one child per stage execution, named by task.
+    first_parent = next(r for r in pipelines if r.data.tags["recall.pipeline_key"].startswith("config:")
+                        and r.info.start_time == min(p.info.start_time for p in pipelines))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
+    names = {r.info.run_name for r in children}
+    assert {"prepare", "backbone", "embed-train", "report"} | {f"task-{t:02d}/{s}" for s in PER_TASK for t in TASKS} <= names
+    assert all(r.info.status == "FINISHED" for r in children)
+    evaluate = next(r for r in children if r.info.run_name == "task-02/evaluate")
+    history = client.get_metric_history(evaluate.info.run_id, "accuracy_task_01")
+    assert [m.step for m in history] == [2]
+    assert evaluate.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")} == {"plots/reliability_task-02.png"}
+    report = next(r for r in children if r.info.run_name == "report")
+    assert "plots/accuracy_matrix.png" in {a.path for a in client.list_artifacts(report.info.run_id, "plots")}
+    assert any(server_artifacts.rglob("accuracy_matrix.png"))  # in the server's artifact store
+    # Registered versions: every task's classifier carries its task alias; the champion is one of them.
+    classifier = client.get_registered_model("recall-shapes-tiny-classifier")
+    assert {"task-1", "task-2", "champion"} <= set(classifier.aliases)
+    versions = client.search_model_versions("name = 'recall-shapes-tiny-classifier'")
+    assert {v.tags["gate"] for v in versions} <= {"passed", "rejected"} and len(versions) >= 2
 
 
 def test_interrupted_run_resumes_at_the_interrupted_task(repo):
