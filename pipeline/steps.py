@@ -160,6 +160,7 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
         classes = task_classes(split, task)
         sha256 = backbone_lib.read_info(cfg.paths.backbone)["sha256"]
         data = _train_embeddings(cfg, sha256, classes)
+        run.record_inputs(train_embeddings=Path(cfg.paths.embeddings) / "train")
         by_class = {c: data["embeddings"][data["labels"] == c] for c in classes}
         names = load_prepared(cfg.paths.prepared).classes
         for c, x in by_class.items():
@@ -196,6 +197,7 @@ def run_replay(cfg: Config, task: int) -> dict[str, Any]:
         xs, ys = [], []
         for t in range(1, task + 1):
             bank = generators.load_bank(task_file(cfg.paths.generators, t))
+            run.record_inputs(**{f"generators_task_{t:02d}": task_file(cfg.paths.generators, t)})
             missing = sorted(set(task_classes(split, t)) - set(bank.class_ids))
             if missing:
                 raise TaskInputError(f"task {t}: generator bank has no generator for class(es) {missing}")
@@ -307,6 +309,11 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         learner.load_trainable_state(state)
         start = time.perf_counter()
         training = _training_set(cfg, task, split, backbone.sha256)
+        run.record_inputs(previous_state=task_file(cfg.paths.prompts, task - 1), text_features=Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE)
+        if cfg.method.train_on == "replay":
+            run.record_inputs(replay_pool=task_file(cfg.paths.replay, task))
+        elif cfg.method.train_on != "none":
+            run.record_inputs(train_embeddings=Path(cfg.paths.embeddings) / "train")
         logit_scale = backbone.model.logit_scale.exp().item()
         losses: list[float] = []
         extra, tensors = {}, {}
@@ -379,6 +386,7 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
         text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
         classifier = load_classifier(cfg, task, backbone, text, split)
         test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
+        run.record_inputs(test_embeddings=Path(cfg.paths.embeddings) / "test", prompt_state=task_file(cfg.paths.prompts, task))
         labels = test["labels"]
         seen_rows = torch.isin(labels, torch.tensor(classifier.class_ids))
         future = [c for t in split["tasks"][task:] for c in t]

@@ -76,6 +76,23 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def content_md5(path: Path) -> str:
+    import hashlib
+    import json
+
+    def file_md5(file: Path) -> str:
+        digest = hashlib.md5()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    if path.is_file():
+        return file_md5(path)
+    entries = [{"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 class StepRun:
     """The MLflow run of one step execution."""
 
@@ -97,6 +114,14 @@ class StepRun:
 
     def set_tag(self, key: str, value: Any) -> None:
         self.client.set_tag(self.run_id, key, str(value))
+
+    def record_inputs(self, **paths: str | Path) -> None:
+        """Lineage: a ``recall.input_md5.<name>`` tag per input read (md5 of a file, as DVC
+        hashes files; for a folder, md5 over its files' relative paths and md5s)."""
+        for name, path in paths.items():
+            path = Path(path)
+            if path.exists():
+                self.set_tag(f"recall.input_md5.{name}", content_md5(path))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -44,6 +44,8 @@ TINY = [
     "method.prompt.epochs=2",
     "method.prompt.batch_size=16",
     "method.prompt.per_class_per_epoch=8",
+    # Logging a pyfunc model costs seconds per evaluation; tests of the registry turn it on.
+    "tracking.register_classifier=false",
 ]
 
 

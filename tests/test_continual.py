@@ -53,6 +53,16 @@ def test_a_whole_run_produces_consistent_outputs(world):
         assert sorted(int(v.tags["task"]) for v in versions) == [1, 2, 3], name
         assert all(v.tags["dataset"] == "shapes" and v.tags["backbone"] == "tiny" for v in versions)
         assert all("git_commit" in v.tags for v in versions)
+    # Lineage: each per-task run names the content of what it read.
+    import hashlib
+
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
+    finetune = next(r for r in runs if r.info.run_name == "task-03/finetune")
+    replay_md5 = hashlib.md5(task_file(world.paths.replay, 3).read_bytes()).hexdigest()
+    assert finetune.data.tags["recall.input_md5.replay_pool"] == replay_md5
+    assert finetune.data.tags["recall.input_md5.previous_state"] == hashlib.md5(task_file(world.paths.prompts, 2).read_bytes()).hexdigest()
+    evaluate = next(r for r in runs if r.info.run_name == "task-03/evaluate")
+    assert evaluate.data.tags["recall.input_md5.test_embeddings"].endswith(".dir")
 
 
 def test_replay_pool_is_reproducible_from_the_seed(world):

@@ -31,7 +31,7 @@ def _cfg(method: str, *extra: str):
     from conftest import TINY
     from pipeline import config
 
-    return config.load(None, TINY + [f"method={method}", "method.prompt.epochs=40", *extra])
+    return config.load(None, TINY + [f"method={method}", "method.prompt.epochs=40", "tracking.register_classifier=true", *extra])
 
 
 def _client(cfg):
