@@ -412,6 +412,10 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
             run.log_metric("transfer_mean", sum(result["transfer"].values()) / len(result["transfer"]), step=task)
         for score, figures in result.get("novelty", {}).items():
             run.log_metrics({f"novel_{figure}_{score}": value for figure, value in figures.items()}, step=task)
+        per_task = {"step_accuracy": result["step_accuracy"], "ece": result["calibration"]["ece"]}
+        per_task.update({f"accuracy_task_{int(k):02d}": v for k, v in result["accuracy_row"].items()})
+        per_task.update({f"novel_auroc_{s}": f["auroc"] for s, f in result.get("novelty", {}).items()})
+        run.log_pipeline_metrics(per_task, step=task)
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:

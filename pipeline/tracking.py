@@ -96,9 +96,19 @@ def content_md5(path: Path) -> str:
 class StepRun:
     """The MLflow run of one step execution."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, parent_id: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.parent_id = parent_id
+
+    def log_pipeline_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Also on the pipeline (parent) run, where one chart then shows a metric over all
+        tasks instead of one point per task run."""
+        if self.parent_id is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(self.parent_id, key, float(value), step=step)
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.client.log_metric(self.run_id, key, float(value), step=step or 0)
@@ -224,7 +234,7 @@ class Tracker:
             tags["recall.task"] = str(task)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.client.update_run(parent, status="RUNNING")
-        step_run = StepRun(self.client, run.info.run_id)
+        step_run = StepRun(self.client, run.info.run_id, parent)
         if params:
             step_run.log_params(params)
         status = "FAILED"

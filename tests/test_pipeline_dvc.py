@@ -159,6 +159,9 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     evaluate = next(r for r in children if r.info.run_name == "task-02/evaluate")
     history = client.get_metric_history(evaluate.info.run_id, "accuracy_task_01")
     assert [m.step for m in history] == [2]
+    # The pipeline run holds each per-task metric as one curve over the tasks.
+    curve = client.get_metric_history(first_parent.info.run_id, "step_accuracy")
+    assert sorted(m.step for m in curve) == [1, 2]
     assert evaluate.info.artifact_uri.startswith("mlflow-artifacts:")
     assert {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")} == {"plots/reliability_task-02.png"}
     report = next(r for r in children if r.info.run_name == "report")
