@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PIPELINE_KEY_TAG = "recall.pipeline_key"
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
+# The MLflow UI opens a model-training experiment on its runs and charts, not on GenAI traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def project_root() -> Path:
@@ -168,12 +171,16 @@ class Tracker:
         name = experiment_name(self.cfg)
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
+            if existing.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return existing.experiment_id
         artifact_location = None
         if self.uri.startswith("sqlite:"):
             artifact_location = (project_root() / LOCAL_ARTIFACTS).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except Exception:
             # Another step process created it in the meantime.
             found = self.client.get_experiment_by_name(name)
@@ -214,7 +221,7 @@ class Tracker:
             return runs[0].info.run_id
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"pipeline {self.cfg.dataset.name}/{self.cfg.backbone.name} {self.cfg.method.name} seed={self.cfg.seed}",
+            run_name=f"{self.cfg.method.name} seed={self.cfg.seed} ({self.cfg.dataset.name}/{self.cfg.backbone.name})",
             tags={**self._common_tags(), PIPELINE_KEY_TAG: key, "recall.role": "pipeline"},
         )
         self.client.log_param(run.info.run_id, "seed", self.cfg.seed)
