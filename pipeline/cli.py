@@ -199,16 +199,16 @@ def classify(
         from pipeline import config
         from pipeline.io import read_tensors
         from pipeline.serving import ServingError
-        from pipeline.tracking import experiment_name, tracking_uri
+        from pipeline.tracking import experiment_name, tracking_uri, using_tracking_uri
 
         cfg = config.load(params if params.exists() else None, None)
         name = model or f"{experiment_name(cfg)}-classifier"
         if bool(images) == bool(embeddings):
             raise ServingError("give image files or --embeddings (one of the two)")
-        mlflow.set_tracking_uri(tracking_uri(cfg))
         uri = f"models:/{name}@{alias}"
         try:
-            loaded = mlflow.pyfunc.load_model(uri)
+            with using_tracking_uri(tracking_uri(cfg)):
+                loaded = mlflow.pyfunc.load_model(uri)
         except MlflowException as exc:
             raise ServingError(f"{uri} ({tracking_uri(cfg)}): {exc.message}") from None
         if images:

@@ -209,8 +209,9 @@ def log_pyfunc(tracking_uri: str, run_id: str, classifier_path: Path, dim: int) 
 
     signature, example = signature_and_example(dim)
     package = Path(__file__).resolve().parent
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    from pipeline.tracking import using_tracking_uri
+
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="classifier",
             python_model=str(package / "pyfunc_model.py"),

@@ -461,9 +461,11 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
     }
     import mlflow
 
+    from pipeline.tracking import using_tracking_uri
+
     # register_model links the version to the logged model (a tracking server requires it).
-    mlflow.set_tracking_uri(tracker.uri)
-    version = mlflow.register_model(model_uri, name, tags=tags).version
+    with using_tracking_uri(tracker.uri):
+        version = mlflow.register_model(model_uri, name, tags=tags).version
     tracker.client.set_registered_model_alias(name, f"task-{task}", version)
     try:
         champion = tracker.client.get_model_version_by_alias(name, "champion")

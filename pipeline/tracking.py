@@ -41,6 +41,24 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{project_root() / LOCAL_DB}"
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model, load_model) pointed at ``uri`` for a
+    while. ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole
+    process; both are put back afterwards so nothing leaks into later steps."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous, previous_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
 def experiment_name(cfg: Config) -> str:
     return cfg.tracking.experiment or f"recall-{cfg.dataset.name}-{cfg.backbone.name}"
 

@@ -152,3 +152,9 @@ def mlflow_server(tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """Each test starts on its own local store unless it points somewhere itself."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

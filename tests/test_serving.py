@@ -79,15 +79,15 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     from pipeline import embed as embed_lib
     from pipeline.data import load_prepared
     from pipeline.split import load_split
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri, using_tracking_uri
 
     cfg = _cfg("clap", "method.head.mc_test=5")
     steps.run_init_prompts(cfg)
     _task(cfg, 1)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@task-1")
+    with using_tracking_uri(tracking_uri(cfg)):
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@task-1")
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@task-1"))
     assert model.metadata.signature is not None
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@task-1"))
     requirements = (local / "requirements.txt").read_text()
     assert f"torch=={torch.__version__.split('+')[0]}\n" in requirements and "+cpu" not in requirements
     assert (local / "serving_input_example.json").exists()
