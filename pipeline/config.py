@@ -231,7 +231,7 @@ class GateConfig(_Strict):
     """When a task's classifier version may take the ``champion`` alias (fractions, not %)."""
 
     max_task_drop: float = Field(default=0.10, ge=0, le=1)
-    max_average_drop: float = Field(default=0.03, ge=0, le=1)
+    max_average_drop: float = Field(default=0.05, ge=0, le=1)
 
 
 class TrackingConfig(_Strict):
