@@ -498,10 +498,20 @@ def _seconds_of(path: Path) -> float:
     return float(read_tensor_metadata(path).get("seconds", "nan"))
 
 
-def run_report(cfg: Config) -> dict[str, Any]:
-    """Summary metrics, plots and a table of the whole run."""
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     import csv
 
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+
+def run_report(cfg: Config) -> dict[str, Any]:
+    """Summary metrics, plots and a table of the whole run."""
     from pipeline.evaluate import plot_accuracy_matrix, plot_reliability, summarise
     from pipeline.io import atomic_path, read_json
 
@@ -523,34 +533,18 @@ def run_report(cfg: Config) -> dict[str, Any]:
         write_json(Path(cfg.paths.metrics) / "report_details.json", report)
         plots = Path(cfg.paths.plots)
         plots.mkdir(parents=True, exist_ok=True)
-        with atomic_path(plots / "step_accuracy.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["task", "accuracy"])
-                for e in evaluations:
-                    writer.writerow([e["task"], f"{e['step_accuracy']:.4f}"])
-        with atomic_path(plots / "accuracy_matrix.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["after_task", "on_task", "accuracy"])
-                for t, row in enumerate(report["accuracy_matrix"], start=1):
-                    for k, value in enumerate(row[:t], start=1):
-                        writer.writerow([t, k, f"{value:.4f}"])
+        _write_csv(plots / "step_accuracy.csv", ["task", "accuracy"],
+                   [[e["task"], f"{e['step_accuracy']:.4f}"] for e in evaluations])
+        _write_csv(plots / "accuracy_matrix.csv", ["after_task", "on_task", "accuracy"],
+                   [[t, k, f"{value:.4f}"] for t, row in enumerate(report["accuracy_matrix"], start=1)
+                    for k, value in enumerate(row[:t], start=1)])
         with atomic_path(plots / "accuracy_matrix.png") as tmp:
             plot_accuracy_matrix(report["accuracy_matrix"], tmp, f"{cfg.method.name}, seed {cfg.seed}")
-        with atomic_path(plots / "calibration.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["task", "ece"])
-                for e in evaluations:
-                    writer.writerow([e["task"], f"{e['calibration']['ece']:.4f}"])
-        with atomic_path(plots / "novelty.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["task", "score", "auroc", "aupr", "fpr_at_95_tpr"])
-                for e in evaluations:
-                    for score, figures in e.get("novelty", {}).items():
-                        writer.writerow([e["task"], score, *(f"{figures[k]:.4f}" for k in ("auroc", "aupr", "fpr_at_95_tpr"))])
+        _write_csv(plots / "calibration.csv", ["task", "ece"],
+                   [[e["task"], f"{e['calibration']['ece']:.4f}"] for e in evaluations])
+        _write_csv(plots / "novelty.csv", ["task", "score", "auroc", "aupr", "fpr_at_95_tpr"],
+                   [[e["task"], score, *(f"{figures[k]:.4f}" for k in ("auroc", "aupr", "fpr_at_95_tpr"))]
+                    for e in evaluations for score, figures in e.get("novelty", {}).items()])
         last = evaluations[-1]["calibration"]
         with atomic_path(plots / "reliability.png") as tmp:
             plot_reliability(last["bins"], last["ece"], tmp, f"{cfg.method.name}, seed {cfg.seed}, all {evaluations[-1]['n_seen_classes']} classes")

@@ -105,6 +105,24 @@ def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
+def wait_for_http(url: str, process, what: str, timeout: float = 180) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's stderr if it dies first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     import socket
 
@@ -119,8 +137,6 @@ def mlflow_server(tmp_path):
     store under tmp_path), stopped by PID afterwards. Yields (uri, artifacts folder)."""
     import signal
     import subprocess
-    import time
-    import urllib.request
 
     port = free_port()
     store = tmp_path / "mlflow-server"
@@ -133,17 +149,7 @@ def mlflow_server(tmp_path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_http(f"{uri}/health", server, "mlflow server")
         yield uri, store / "artifacts"
     finally:
         if server.poll() is None:

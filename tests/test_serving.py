@@ -124,14 +124,6 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     assert body.predict_rows(images=[raw])[0]["class_id"] == int(direct["label"][0])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_over_http(world):
     """`mlflow models serve` on a registered version, in this environment
@@ -140,16 +132,16 @@ def test_mlflow_models_serve_answers_over_http(world):
     import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
+    from conftest import free_port, wait_for_http
     from pipeline.data import load_prepared
     from pipeline.tracking import tracking_uri
 
     cfg = _cfg("clap", "method.head.mc_test=5")
     steps.run_init_prompts(cfg)
     _task(cfg, 1)
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
@@ -159,17 +151,7 @@ def test_mlflow_models_serve_answers_over_http(world):
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_http(f"{base}/ping", server, "mlflow models serve")
 
         def invoke(payload: dict) -> list[dict]:
             request = urllib.request.Request(
