@@ -195,7 +195,10 @@ def pinned_requirements() -> list[str]:
     from importlib.metadata import version
 
     pins = []
-    for dist in ("torch", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow", "mlflow"):
+    # What `pipeline` (the model's code path) imports: the classifier itself needs torch,
+    # safetensors, pydantic and pyyaml; images also need the backbone (open_clip, torchvision).
+    for dist in ("torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow",
+                 "pydantic", "pyyaml", "mlflow"):
         try:
             pins.append(f"{dist}=={version(dist).split('+')[0]}")
         except Exception:

@@ -90,6 +90,7 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     assert model.metadata.signature is not None
     requirements = (local / "requirements.txt").read_text()
     assert f"torch=={torch.__version__.split('+')[0]}\n" in requirements and "+cpu" not in requirements
+    assert "pydantic==" in requirements and "open_clip_torch==" in requirements
     assert (local / "serving_input_example.json").exists()
 
     backbone = backbone_lib.load_backbone(cfg.paths.backbone)
@@ -122,6 +123,19 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
 
     body = RecallClassifierModel(local / "artifacts" / "classifier.safetensors")
     assert body.predict_rows(images=[raw])[0]["class_id"] == int(direct["label"][0])
+
+    # The CLI classifies with a version by name and alias.
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["classify", str(image_path), "--alias", "task-1", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(next(line for line in result.output.splitlines() if line.startswith('{"input"')))
+    assert answer["class_id"] == int(direct["label"][0]) and answer["input"] == str(image_path)
+    assert answer["sample_variance"] >= 0 and len(answer["probabilities"]) == len(expected.class_ids)
+    missing = CliRunner().invoke(app, ["classify", str(image_path), "--alias", "task-9"])
+    assert missing.exit_code == 2 and "task-9" in missing.output
 
 
 @pytest.mark.slow
