@@ -248,15 +248,13 @@ def gate_decision(candidate: dict[str, float], champion: dict[str, float] | None
                 f"task {task}: accuracy {100 * candidate[task]:.1f}% is {100 * drop:.1f} points below the "
                 f"champion's {100 * champion[task]:.1f}% (allowed {100 * max_task_drop:.1f})"
             )
-    if shared:
-        ours = sum(candidate[t] for t in shared) / len(shared)
-        theirs = sum(champion[t] for t in shared) / len(shared)
-        if theirs - ours > max_average_drop:
-            passed = False
-            reasons.append(
-                f"mean accuracy over tasks {', '.join(shared)}: {100 * ours:.1f}% against the champion's "
-                f"{100 * theirs:.1f}% (allowed drop {100 * max_average_drop:.1f})"
-            )
+    ours = sum(candidate[t] for t in shared) / max(1, len(shared))
+    theirs = sum(champion[t] for t in shared) / max(1, len(shared))
+    mean = (f"mean accuracy over tasks {', '.join(shared)}: {100 * ours:.1f}% against the champion's "
+            f"{100 * theirs:.1f}% (allowed drop {100 * max_average_drop:.1f})")
+    if shared and theirs - ours > max_average_drop:
+        passed = False
+        reasons.append(mean)
     if passed:
-        reasons.append(f"no earlier task drops more than {100 * max_task_drop:.1f} points; mean accuracy kept")
+        reasons.append(f"no earlier task drops more than {100 * max_task_drop:.1f} points; {mean}")
     return passed, reasons
