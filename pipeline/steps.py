@@ -419,7 +419,8 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            diagram = Path(tmp) / f"reliability_task-{task:02d}.png"
+            # One name in every task run: the UI compares the runs' diagrams side by side.
+            diagram = Path(tmp) / "reliability.png"
             plot_reliability(result["calibration"]["bins"], result["calibration"]["ece"], diagram,
                              f"{cfg.method.name} after task {task}")
             run.log_artifact(diagram, "plots")
