@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.reference_vae import fit_reference_vae
 from pipeline.config import VaeGenerator
-from pipeline.generators import fit_vae_bank
+from pipeline.generators import cache_sized_chunk, fit_bank, fit_vae_bank
 
 
 def main() -> None:
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--latent", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--chunk-classes", type=int, nargs="*", default=[],
+                        help="also time the bank fitted this many classes at a time (generator.chunk_classes)")
     parser.add_argument("--loop-classes", type=int, default=None,
                         help="fit only this many classes in the loop and scale its time up (default: all)")
     args = parser.parse_args()
@@ -40,9 +42,19 @@ def main() -> None:
     print(f"{args.classes} classes x {args.samples} samples, d={args.dim}, h={args.hidden}, k={args.latent}, "
           f"{args.epochs} epochs, batch 64, {torch.get_num_threads()} threads")
 
+    default_chunk = min(args.classes, cache_sized_chunk(settings, args.dim))
     start = time.perf_counter()
-    _, bank_loss = fit_vae_bank(data, ids, settings, seed=0)
+    bank_loss = fit_bank({c: data[c] for c in ids}, settings, seed=0).fit_loss
     bank_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    fit_vae_bank(data, ids, settings, seed=0)
+    whole_seconds = time.perf_counter() - start
+
+    chunked = {}
+    for chunk in args.chunk_classes:
+        start = time.perf_counter()
+        fit_bank({c: data[c] for c in ids}, settings, seed=0, chunk_classes=chunk)
+        chunked[chunk] = time.perf_counter() - start
 
     n_loop = args.loop_classes or args.classes
     start = time.perf_counter()
@@ -53,9 +65,18 @@ def main() -> None:
     loop_seconds = (time.perf_counter() - start) * args.classes / n_loop
 
     diffs = [abs(a - b) for a, b in zip(bank_loss, loop_loss)]  # the loop's is averaged over batches
-    print(f"batched bank      : {bank_seconds:8.1f} s")
+    print(f"batched bank, as the pipeline fits it ({default_chunk} classes at a time): {bank_seconds:8.1f} s")
+    print(f"batched bank, all {args.classes} classes at once: {whole_seconds:8.1f} s, {loop_seconds / whole_seconds:.2f}x the loop")
     print(f"one VAE at a time : {loop_seconds:8.1f} s" + (f" (measured on {n_loop} classes, scaled)" if n_loop < args.classes else ""))
-    print(f"speed-up          : {loop_seconds / bank_seconds:8.2f}x")
+    print(f"speed-up of the pipeline's bank over the loop: {loop_seconds / bank_seconds:8.2f}x")
+    for chunk, seconds in chunked.items():
+        print(f"bank, {chunk:3d} classes at a time: {seconds:8.1f} s, {loop_seconds / seconds:.2f}x the loop")
+    # Forward + backward of one VAE step: 3 x 2 x (multiply-adds of the six linear layers).
+    macs = args.hidden * (args.dim + args.hidden + 2 * args.latent + args.latent + args.hidden + args.dim)
+    steps = args.classes * args.epochs * -(-args.samples // 64)
+    flops = 6 * macs * 64 * steps
+    print(f"arithmetic: {flops / 1e12:.2f} TFLOP for either; loop {flops / loop_seconds / 1e9:.0f} GFLOP/s, "
+          f"bank {flops / bank_seconds / 1e9:.0f} GFLOP/s (a 10x speed-up would need {10 * flops / loop_seconds / 1e9:.0f})")
     print(f"final-epoch loss per class, bank vs loop: mean {sum(bank_loss[:n_loop]) / n_loop:.3f} vs "
           f"{sum(loop_loss) / n_loop:.3f}, max abs difference {max(diffs):.2e}")
 

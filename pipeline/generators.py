@@ -303,6 +303,20 @@ def _single_class_vae(tensors: dict[str, torch.Tensor], settings: dict[str, Any]
     return vae.eval()
 
 
+# Parameters of the classes fitted together, on CPU. Adam touches every parameter four times
+# a step; when a chunk's parameters and optimizer state stay in cache, the batched bank runs
+# at ~2x a one-VAE-at-a-time loop, while all 100 classes of a large task at once (2.3 GB of
+# state) stream from memory and run slower than the loop (benchmarks/vae_bank.py).
+CPU_CHUNK_PARAMETER_BYTES = 32 * 2**20
+
+
+def cache_sized_chunk(settings: VaeGenerator, dim: int) -> int:
+    """How many classes of this VAE size keep their parameters within the CPU budget."""
+    h, k = settings.hidden, settings.latent
+    per_class = (dim * h + h * h + h * 2 * k) + (k * h + h * h + h * dim) + 4 * h + 2 * k + dim
+    return max(1, CPU_CHUNK_PARAMETER_BYTES // (4 * per_class))
+
+
 def fit_bank(
     data: dict[int, torch.Tensor], settings: GeneratorSettings, seed: int, chunk_classes: int | None = None
 ) -> Bank:
@@ -319,7 +333,7 @@ def fit_bank(
     dim = data[class_ids[0]].shape[1]
     settings_dict = settings.model_dump(mode="json")
     if isinstance(settings, VaeGenerator):
-        chunk = chunk_classes or settings.chunk_classes or len(class_ids)
+        chunk = chunk_classes or settings.chunk_classes or cache_sized_chunk(settings, dim)
         states, losses = [], []
         for start in range(0, len(class_ids), chunk):
             ids = class_ids[start : start + chunk]
