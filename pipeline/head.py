@@ -15,7 +15,6 @@ Training noise is fresh per image; at inference the noise of class ``c`` is draw
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -224,7 +223,7 @@ def train_with_head(
     """Train prompts, context generator, attention and task ``task``'s encoder (earlier
     encoders frozen) on ``embeddings``, then, from task 2 on, the balanced finetuning phase
     with every encoder unfrozen. Returns the per-epoch loss of both phases."""
-    from pipeline.prompts import balanced_epoch
+    from pipeline.prompts import class_positions, train_balanced
 
     present = set(labels.unique().tolist())
     missing = [c for c in seen if c not in present]
@@ -232,12 +231,22 @@ def train_with_head(
         raise HeadError(f"task {task}: no training embeddings for seen class(es) {missing}")
     generator = torch.Generator().manual_seed(seed)
     seen_t = torch.tensor(seen)
-    position = torch.full((int(max(seen)) + 1,), -1, dtype=torch.long)
-    position[seen_t] = torch.arange(len(seen))
+    position = class_positions(seen)
     current = torch.nonzero(class_task == task).flatten()
     current_templates = template_features[seen_t[current]]
     class_means = template_features[seen_t].mean(dim=1)
     x_all = F.normalize(embeddings.float(), dim=-1)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        features = learner.features(seen_t)
+        noise = torch.randn(head_cfg.mc_train, len(seen), head.dim, generator=generator)
+        out = head(x_all[batch], features, class_task, logit_scale, noise)
+        targets = position[labels[batch]]
+        ce = F.cross_entropy(out.logits.flatten(0, 1), targets.repeat(head_cfg.mc_train))
+        kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior)
+        lang = language_regulariser(out.z_mean[current], current_templates)
+        return ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
+
     shared = [learner.ctx, *learner.generator.parameters(), *head.attention.parameters()]
     phases = [(prompt_cfg.epochs, prompt_cfg.lr, [*shared, *head.encoders[task - 1].parameters()])]
     if task > 1 and head_cfg.balanced_finetune_epochs > 0:
@@ -247,36 +256,11 @@ def train_with_head(
     losses: list[float] = []
     learner.train()
     head.train()
-    epoch_index = 0
     for epochs, lr, params in phases:
         head.encoders.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(seen) * prompt_cfg.per_class_per_epoch / prompt_cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-        for _ in range(epochs):
-            rows = balanced_epoch(labels, seen, prompt_cfg.per_class_per_epoch, generator)
-            total, count = 0.0, 0
-            for batch in rows.split(prompt_cfg.batch_size):
-                features = learner.features(seen_t)
-                noise = torch.randn(head_cfg.mc_train, len(seen), head.dim, generator=generator)
-                out = head(x_all[batch], features, class_task, logit_scale, noise)
-                targets = position[labels[batch]]
-                ce = F.cross_entropy(out.logits.flatten(0, 1), targets.repeat(head_cfg.mc_train))
-                kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior)
-                lang = language_regulariser(out.z_mean[current], current_templates)
-                loss = ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-            losses.append(total / count)
-            if log_metric:
-                log_metric("prompt_loss", losses[-1], epoch_index)
-            epoch_index += 1
+        losses += train_balanced(params, lr, epochs, labels, seen, prompt_cfg, generator, batch_loss, log_metric, len(losses))
     head.encoders.requires_grad_(True)
     learner.eval()
     head.eval()

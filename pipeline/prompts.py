@@ -126,6 +126,48 @@ def balanced_epoch(labels: torch.Tensor, class_ids: list[int], per_class: int, g
     return rows[torch.randperm(len(rows), generator=generator)]
 
 
+def class_positions(seen: list[int]) -> torch.Tensor:
+    """``position[class_id]``: the class's column among the seen classes (-1 if unseen)."""
+    position = torch.full((int(max(seen)) + 1,), -1, dtype=torch.long)
+    position[torch.tensor(seen)] = torch.arange(len(seen))
+    return position
+
+
+def train_balanced(
+    params: list[torch.Tensor],
+    lr: float,
+    epochs: int,
+    labels: torch.Tensor,
+    classes: list[int],
+    settings: PromptConfig,
+    generator: torch.Generator,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    log_metric: Callable[[str, float, int], None] | None = None,
+    first_epoch: int = 0,
+) -> list[float]:
+    """AdamW with a cosine schedule over ``epochs`` class-balanced epochs of ``classes``;
+    ``batch_loss(rows)`` gives the loss of a batch of row indices. Returns per-epoch losses."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(classes) * settings.per_class_per_epoch / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    losses = []
+    for epoch in range(epochs):
+        rows = balanced_epoch(labels, classes, settings.per_class_per_epoch, generator)
+        total, count = 0.0, 0
+        for batch in rows.split(settings.batch_size):
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        losses.append(total / count)
+        if log_metric:
+            log_metric("prompt_loss", losses[-1], first_epoch + epoch)
+    return losses
+
+
 def train_prompts(
     learner: PromptLearner,
     embeddings: torch.Tensor,
@@ -141,33 +183,19 @@ def train_prompts(
     trained_classes = [c for c in seen if c in present]
     if not trained_classes:
         raise PromptError("no training embeddings for any seen class")
-    generator = torch.Generator().manual_seed(seed)
     seen_t = torch.tensor(seen)
-    position = torch.full((int(max(seen)) + 1,), -1, dtype=torch.long)
-    position[seen_t] = torch.arange(len(seen))
-    params = [learner.ctx, *learner.generator.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(trained_classes) * settings.per_class_per_epoch / settings.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
+    position = class_positions(seen)
     x_all = F.normalize(embeddings.float(), dim=-1)
-    losses = []
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = logit_scale * x_all[batch] @ learner.features(seen_t).T
+        return F.cross_entropy(logits, position[labels[batch]])
+
     learner.train()
-    for epoch in range(settings.epochs):
-        rows = balanced_epoch(labels, trained_classes, settings.per_class_per_epoch, generator)
-        total, count = 0.0, 0
-        for batch in rows.split(settings.batch_size):
-            features = learner.features(seen_t)
-            logits = logit_scale * x_all[batch] @ features.T
-            loss = F.cross_entropy(logits, position[labels[batch]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        losses.append(total / count)
-        if log_metric:
-            log_metric("prompt_loss", losses[-1], epoch)
+    losses = train_balanced(
+        [learner.ctx, *learner.generator.parameters()], settings.lr, settings.epochs, labels, trained_classes,
+        settings, torch.Generator().manual_seed(seed), batch_loss, log_metric,
+    )
     learner.eval()
     return losses
 
