@@ -101,16 +101,14 @@ def content_md5(path: Path) -> str:
     import hashlib
     import json
 
-    def file_md5(file: Path) -> str:
-        digest = hashlib.md5()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+    from pipeline.io import file_digest
 
     if path.is_file():
-        return file_md5(path)
-    entries = [{"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in sorted(path.rglob("*")) if f.is_file()]
+        return file_digest(path, "md5")
+    entries = [
+        {"md5": file_digest(f, "md5"), "relpath": f.relative_to(path).as_posix()}
+        for f in sorted(path.rglob("*")) if f.is_file()
+    ]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
@@ -125,19 +123,19 @@ class StepRun:
     def log_pipeline_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Also on the pipeline (parent) run, where one chart then shows a metric over all
         tasks instead of one point per task run."""
-        if self.parent_id is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.client.log_metric(self.parent_id, key, float(value), step=step)
+        if self.parent_id is not None:
+            self._log_numbers(self.parent_id, metrics, step)
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.client.log_metric(self.run_id, key, float(value), step=step or 0)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._log_numbers(self.run_id, metrics, step)
+
+    def _log_numbers(self, run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.log_metric(key, value, step)
+                self.client.log_metric(run_id, key, float(value), step=step or 0)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         for key, value in _flatten(params).items():
