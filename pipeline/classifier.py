@@ -49,12 +49,17 @@ class Classifier:
         return {"label": ids[summary["probs"].argmax(dim=-1)], **summary}
 
     @torch.no_grad()
-    def all_class_logits(self, embeddings: torch.Tensor, zero_shot_features: torch.Tensor) -> torch.Tensor:
+    def all_class_logits(
+        self, embeddings: torch.Tensor, zero_shot_features: torch.Tensor, sample_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[N, n_classes]``: this classifier's (sample-averaged) logits for seen classes,
-        zero-shot logits ``s <e, w_c>`` for the others."""
+        zero-shot logits ``s <e, w_c>`` for the others. ``sample_logits``: this classifier's
+        own output for ``embeddings``, when the caller already has it."""
         e = F.normalize(embeddings.float(), dim=-1)
         logits = self.logit_scale * e @ zero_shot_features.float().T
-        logits[:, self.class_ids] = self.sample_logits(embeddings).mean(dim=0)
+        if sample_logits is None:
+            sample_logits = self.sample_logits(embeddings)
+        logits[:, self.class_ids] = sample_logits.mean(dim=0)
         return logits
 
 

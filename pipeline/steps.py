@@ -387,15 +387,12 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
         classifier = load_classifier(cfg, task, backbone, text, split)
         test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
         run.record_inputs(test_embeddings=Path(cfg.paths.embeddings) / "test", prompt_state=task_file(cfg.paths.prompts, task))
-        labels = test["labels"]
-        seen_rows = torch.isin(labels, torch.tensor(classifier.class_ids))
-        future = [c for t in split["tasks"][task:] for c in t]
-        scored = seen_rows | torch.isin(labels, torch.tensor(future, dtype=labels.dtype))
-        # The head costs M x C per image: score only images of seen and future classes.
-        sample_logits = torch.zeros(classifier.mc_samples, len(labels), len(classifier.class_ids))
-        sample_logits[:, scored] = classifier.sample_logits(test["embeddings"][scored])
-        all_logits = classifier.all_class_logits(test["embeddings"], text["class_features"]) if future else None
-        result = evaluate_task(task, split["tasks"], labels, sample_logits, all_logits)
+        sample_logits = classifier.sample_logits(test["embeddings"])
+        has_future = task < len(split["tasks"])
+        all_logits = (
+            classifier.all_class_logits(test["embeddings"], text["class_features"], sample_logits) if has_future else None
+        )
+        result = evaluate_task(task, split["tasks"], test["labels"], sample_logits, all_logits)
         result["seconds"] = {
             step: float(_seconds_of(path))
             for step, path in (
