@@ -4,7 +4,13 @@ each seed's split, generators and replay are shared by the methods, each (seed, 
 writes its own prompts and evaluations under --out. Prints a markdown table of
 mean +- std over seeds.
 
-    python benchmarks/compare_methods.py --seeds 0 1 2 --methods zeroshot sequential cgil joint
+    python -m benchmarks.compare_methods --seeds 0 1 2 --methods zeroshot sequential cgil clap joint
+    python -m benchmarks.compare_methods --methods clap --label sgd method.head.optimizer=sgd
+
+Every method runs the same prompt schedule (the `schedule` group: the demo's under the
+default `experiment=demo`), so the table compares them at equal budgets. ``--label`` names a
+variant: its runs go to ``<method>-<label>`` beside the others and reuse the seed's
+generators and replay.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "trans
 SCORES = ("max_probability", "energy", "sample_variance")
 
 
-def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
+def run(seed: int, method: str, out: Path, extra: list[str], label: str = "") -> dict:
     seed_dir = out / f"seed{seed}"
-    run_dir = seed_dir / method
+    run_dir = seed_dir / (f"{method}-{label}" if label else method)
     overrides = [
         f"seed={seed}", f"method={method}",
         f"paths.split={seed_dir}/split.json", f"paths.generators={seed_dir}/generators",
@@ -59,20 +65,22 @@ def run(seed: int, method: str, out: Path, extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "joint"])
+    parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "clap", "joint"])
+    parser.add_argument("--label", default="", help="name of a variant (its overrides follow)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    names = {m: f"{m}-{args.label}" if args.label else m for m in args.methods}
+    results: dict[str, list[dict]] = {names[m]: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            report = run(seed, method, args.out, args.overrides)
-            results[method].append(report)
+            report = run(seed, method, args.out, args.overrides, args.label)
+            results[names[method]].append(report)
             figures = [f"{k} {100 * report[k]:.1f}" for k in METRICS]
             figures += [f"AUROC {s} {100 * report[f'auroc_{s}']:.1f}" for s in SCORES if report[f"auroc_{s}"] is not None]
             figures.append("finetune s/task " + " ".join(f"{v:.1f}" for v in report["finetune_seconds_per_task"] if v is not None))
-            print(f"seed {seed} {method}: " + ", ".join(figures), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            print(f"seed {seed} {names[method]}: " + ", ".join(figures), flush=True)
+    (args.out / f"results{'-' + args.label if args.label else ''}.json").write_text(json.dumps(results, indent=2))
 
     def cell(values: list[float | None]) -> str:
         if any(v is None for v in values):

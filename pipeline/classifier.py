@@ -67,8 +67,13 @@ def head_state(head: ProbabilisticHead) -> dict[str, torch.Tensor]:
     return {f"head.{k}": v.detach() for k, v in head.state_dict().items()}
 
 
-def load_head(state: dict[str, torch.Tensor], dim: int, n_tasks: int, std_floor: float) -> ProbabilisticHead:
-    head = ProbabilisticHead(dim, std_floor=std_floor)
+def load_head(
+    state: dict[str, torch.Tensor], dim: int, n_tasks: int, std_floor: float, dropout: float = 0.0, encoder_bias: str = "template_std"
+) -> ProbabilisticHead:
+    """The head saved in ``state`` (its attention's width read from the tensors), in eval
+    mode; ``dropout`` and ``encoder_bias`` matter only if it is trained further."""
+    ff_width = state["head.attention.layer.linear1.weight"].shape[0]
+    head = ProbabilisticHead(dim, std_floor=std_floor, ff_width=ff_width, dropout=dropout, encoder_bias=encoder_bias)
     for _ in range(n_tasks):
         head.add_task(torch.zeros(1, dim), torch.ones(1, dim))
     head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-GROUPS = ("dataset", "backbone", "method", "generator", "tracking")
+GROUPS = ("dataset", "backbone", "method", "generator", "schedule", "tracking")
 
 
 class ConfigError(ValueError):
@@ -135,6 +135,15 @@ class BackboneConfig(_Strict):
 # --------------------------------------------------------------------------- method
 
 
+class ScheduleConfig(_Strict):
+    """The prompt-learning budget every method that trains prompts reads (its ``prompt``
+    section interpolates these), so a comparison runs them all at the same budget."""
+
+    epochs: int = Field(ge=1)
+    per_class_per_epoch: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
 class PromptConfig(_Strict):
     n_ctx: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -153,6 +162,13 @@ class HeadConfig(_Strict):
     balanced_finetune_lr_scale: float = Field(gt=0)
     # sigma = softplus(B x) * (1 - std_floor) + std_floor
     std_floor: float = Field(default=1e-3, ge=0, lt=1)
+    # adamw: constant lr (as the prompts); sgd: the CLAP reference's schedule.
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    attention_ff_width: int = Field(default=2048, ge=1)
+    attention_dropout: float = Field(default=0.1, ge=0, lt=1)
+    zero_init_attention: bool = False
+    # template_std: sigma starts at the text's template spread; pytorch_default: nn.Linear's.
+    encoder_bias: Literal["template_std", "pytorch_default"] = "template_std"
 
 
 class MethodConfig(_Strict):
@@ -271,6 +287,7 @@ class Config(_Strict):
     backbone: BackboneConfig
     method: MethodConfig
     generator: GeneratorConfig
+    schedule: ScheduleConfig
     tracking: TrackingConfig
     embed: EmbedConfig
     paths: PathsConfig

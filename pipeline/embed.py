@@ -79,9 +79,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """``bf16`` or ``fp32``: what ``auto`` means on this device."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if effective_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -104,12 +110,16 @@ def embed_split(
 ) -> dict[str, Any]:
     """Embed every image of ``split``; reuse ``out`` when it already matches."""
     out = Path(out)
+    model = backbone.model
+    device = next(model.parameters()).device
+    # bf16 and fp32 embeddings differ: a cache made at one precision never serves the other.
     wanted = {
         "split": split,
         "backbone_sha256": backbone.sha256,
         "dataset_fingerprint": prepared.fingerprint,
         "chunk_size": chunk_size,
         "on_bad_image": on_bad_image,
+        "precision": effective_precision(device, precision),
     }
     if (out / INDEX_FILE).exists():
         existing = read_json(out / INDEX_FILE)
@@ -118,8 +128,6 @@ def embed_split(
             return {**existing, "reused": True}
 
     samples = prepared.samples(split)
-    model = backbone.model
-    device = next(model.parameters()).device
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(

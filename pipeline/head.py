@@ -9,8 +9,11 @@ For an image embedding ``e`` and the seen classes' prompt features ``f_c``:
   ``sigma = softplus(B_t(f_c + v_c)) * (1 - floor) + floor``;
 - ``M`` samples ``z ~ N(mu, sigma)``, ``h_c = norm(f_c + v_c + z)``, logits ``s <norm(e), h_c>``.
 
-Training noise is fresh per image; at inference the noise of class ``c`` is drawn from
-``(seed, c)`` alone, so a prediction is a deterministic function of the image and the seed.
+In training, one standard-normal draw ``[M, C, d]`` is shared by the images of a batch and
+drawn afresh for every batch (common random numbers: each image's estimate stays unbiased and
+the closed-form logits below need no per-image noise). At inference the noise of class ``c``
+is drawn from ``(seed, c)`` alone, so a prediction is a deterministic function of the image
+and the seed, whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -35,18 +38,17 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 
 class VisualGuidedAttention(nn.Module):
-    """One decoder layer (width ``d``, feed-forward width ``d`` too, 1 head, GELU), evaluated
-    per image. The feed-forward block is the only part that runs per (image, class) pair, so
-    its width sets the head's cost: ``d`` rather than the usual ``4d`` makes it 4x cheaper."""
+    """One transformer-decoder layer (width ``d``, 1 head, GELU) evaluated per image, as in
+    the reference: feed-forward width 2048 and dropout 0.1 in training by default."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ff_width: int = 2048, dropout: float = 0.1, zero_init_output: bool = False):
         super().__init__()
         self.layer = nn.TransformerDecoderLayer(
-            dim, nhead=1, dim_feedforward=dim, dropout=0.0, activation="gelu", batch_first=True
+            dim, nhead=1, dim_feedforward=ff_width, dropout=dropout, activation="gelu", batch_first=True
         )
-        # Zero-initialised output scale: the head starts as the deterministic learner and
-        # the attention learns how much of the image to mix into each class feature.
-        nn.init.zeros_(self.layer.norm3.weight)
+        if zero_init_output:
+            # The head then starts as the deterministic learner (v_c = 0); an ablation only.
+            nn.init.zeros_(self.layer.norm3.weight)
 
     def forward(self, class_features: torch.Tensor, images: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
         """``v`` of shape ``[B, C, d]`` for ``class_features [C, d]`` and ``images [B, d]``."""
@@ -55,10 +57,17 @@ class VisualGuidedAttention(nn.Module):
         q = class_features[None]
         # The self-attention block sees only the class features: the same for every image.
         x = layer.norm1(q + layer._sa_block(q, other_task, None))
-        # One key per image: its attention weight is exactly 1, so the cross-attention output
-        # is the value projection of that image, shared by all its class queries.
-        memory = images[:, None, :]
-        cross = layer.multihead_attn(memory, memory, memory, need_weights=False)[0]
+        # One key per image: its softmax weight is exactly 1, so each class query's
+        # cross-attention output is the image's projected value, scaled by that query's
+        # dropout of the weight in training. Computed as such, without the [B, C, 1] softmax.
+        attn = layer.multihead_attn
+        d = images.shape[-1]
+        value = F.linear(images, attn.in_proj_weight[2 * d :], attn.in_proj_bias[2 * d :])
+        projected = F.linear(value, attn.out_proj.weight)[:, None, :]
+        if self.training and attn.dropout > 0:
+            keep = F.dropout(projected.new_ones(images.shape[0], x.shape[1], 1), attn.dropout, training=True)
+            projected = keep * projected
+        cross = layer.dropout2(projected + attn.out_proj.bias)
         x = layer.norm2(x + cross)
         return layer.norm3(x + layer._ff_block(x))
 
@@ -82,11 +91,20 @@ class HeadOutput:
 
 
 class ProbabilisticHead(nn.Module):
-    def __init__(self, dim: int, std_floor: float = 1e-3):
+    def __init__(
+        self,
+        dim: int,
+        std_floor: float = 1e-3,
+        ff_width: int = 2048,
+        dropout: float = 0.1,
+        zero_init_attention: bool = False,
+        encoder_bias: str = "template_std",
+    ):
         super().__init__()
         self.dim = dim
         self.std_floor = std_floor
-        self.attention = VisualGuidedAttention(dim)
+        self.encoder_bias = encoder_bias
+        self.attention = VisualGuidedAttention(dim, ff_width, dropout, zero_init_attention)
         self.encoders = nn.ModuleList()
         # The CLIP-informed prior: each task's encoder as it was initialised, frozen.
         self.prior_encoders = nn.ModuleList()
@@ -95,19 +113,32 @@ class ProbabilisticHead(nn.Module):
     def n_tasks(self) -> int:
         return len(self.encoders)
 
-    def add_task(self, text_mean: torch.Tensor, text_std: torch.Tensor) -> None:
+    def add_task(self, text_mean: torch.Tensor, text_variance: torch.Tensor, seed: int = 0) -> None:
         """A new task's encoder, initialised from the seen classes' text statistics:
-        ``A.weight = T^T T / d`` with ``T`` their template-averaged features;
-        ``B.weight = S^T S / d`` with ``S`` their per-dimension template std, and ``B``'s bias
-        set so that ``sigma`` starts at that std."""
+        ``A.weight = T^T T / d`` with ``T`` their template-averaged features and
+        ``B.weight = V^T V / d`` with ``V`` their per-dimension template variance.
+
+        Biases: ``A``'s start at 0, so ``mu`` starts as the text projection. ``B``'s follow
+        ``encoder_bias``: ``template_std`` sets them so ``sigma`` starts at the mean template
+        standard deviation (the spread the text itself shows, about 0.03 per dimension for
+        the demo); ``pytorch_default`` keeps ``nn.Linear``'s uniform init, as the reference
+        does, so ``sigma`` starts near ``softplus(0) = 0.69``, far wider than the features."""
         d = self.dim
+        generator = torch.Generator().manual_seed(seed)
         encoder = DistributionEncoder(d)
         with torch.no_grad():
             encoder.mean.weight.copy_(text_mean.T @ text_mean / d)
             encoder.mean.bias.zero_()
-            encoder.std.weight.copy_(text_std.T @ text_std / d)
-            start = ((text_std.mean(dim=0) - self.std_floor) / (1.0 - self.std_floor)).clamp_min(1e-4)
-            encoder.std.bias.copy_(inverse_softplus(start))
+            encoder.std.weight.copy_(text_variance.T @ text_variance / d)
+            if self.encoder_bias == "template_std":
+                std = text_variance.clamp_min(0).sqrt().mean(dim=0)
+                start = ((std - self.std_floor) / (1.0 - self.std_floor)).clamp_min(1e-4)
+                encoder.std.bias.copy_(inverse_softplus(start))
+            elif self.encoder_bias == "pytorch_default":
+                bound = 1.0 / d**0.5
+                encoder.std.bias.uniform_(-bound, bound, generator=generator)
+            else:
+                raise HeadError(f"unknown encoder_bias {self.encoder_bias!r} (template_std or pytorch_default)")
         prior = DistributionEncoder(d)
         prior.load_state_dict(encoder.state_dict())
         prior.requires_grad_(False)
@@ -201,8 +232,8 @@ def predictive_summary(sample_logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def text_statistics(template_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Template-averaged features and per-dimension template std of ``[C, J, d]``."""
-    return template_features.mean(dim=1), template_features.std(dim=1, unbiased=False)
+    """Template-averaged features and per-dimension template variance of ``[C, J, d]``."""
+    return template_features.mean(dim=1), template_features.var(dim=1, unbiased=False)
 
 
 def train_with_head(
@@ -222,7 +253,8 @@ def train_with_head(
 ) -> list[float]:
     """Train prompts, context generator, attention and task ``task``'s encoder (earlier
     encoders frozen) on ``embeddings``, then, from task 2 on, the balanced finetuning phase
-    with every encoder unfrozen. Returns the per-epoch loss of both phases."""
+    with every encoder unfrozen and the attention frozen. Returns the per-epoch loss of both
+    phases."""
     from pipeline.prompts import class_positions, train_balanced
 
     present = set(labels.unique().tolist())
@@ -230,6 +262,7 @@ def train_with_head(
     if missing:
         raise HeadError(f"task {task}: no training embeddings for seen class(es) {missing}")
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the attention's dropout draws from the global generator
     seen_t = torch.tensor(seen)
     position = class_positions(seen)
     current = torch.nonzero(class_task == task).flatten()
@@ -247,21 +280,25 @@ def train_with_head(
         lang = language_regulariser(out.z_mean[current], current_templates)
         return ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
 
-    shared = [learner.ctx, *learner.generator.parameters(), *head.attention.parameters()]
-    phases = [(prompt_cfg.epochs, prompt_cfg.lr, [*shared, *head.encoders[task - 1].parameters()])]
+    prompts = [learner.ctx, *learner.generator.parameters()]
+    phases = [(prompt_cfg.epochs, prompt_cfg.lr, [*prompts, *head.attention.parameters(), *head.encoders[task - 1].parameters()])]
     if task > 1 and head_cfg.balanced_finetune_epochs > 0:
+        # Every task's encoder unfrozen, the attention frozen (as in the reference).
         phases.append(
-            (head_cfg.balanced_finetune_epochs, prompt_cfg.lr * head_cfg.balanced_finetune_lr_scale, [*shared, *head.encoders.parameters()])
+            (head_cfg.balanced_finetune_epochs, prompt_cfg.lr * head_cfg.balanced_finetune_lr_scale, [*prompts, *head.encoders.parameters()])
         )
     losses: list[float] = []
     learner.train()
     head.train()
     for epochs, lr, params in phases:
-        head.encoders.requires_grad_(False)
+        head.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        losses += train_balanced(params, lr, epochs, labels, seen, prompt_cfg, generator, batch_loss, log_metric, len(losses))
-    head.encoders.requires_grad_(True)
+        losses += train_balanced(
+            params, lr, epochs, labels, seen, prompt_cfg, generator, batch_loss, log_metric, len(losses), head_cfg.optimizer
+        )
+    head.requires_grad_(True)
+    head.prior_encoders.requires_grad_(False)
     learner.eval()
     head.eval()
     return losses

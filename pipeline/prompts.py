@@ -45,14 +45,23 @@ def encode_token_embeddings(
 
 
 class ContextGenerator(nn.Module):
-    """``g``: ``d -> d -> d -> d_tok -> d_tok`` with BatchNorm and SELU."""
+    """``g``: ``d -> d -> d -> d_tok -> d_tok`` with BatchNorm and SELU.
+
+    Its BatchNorm normalises over the set of classes it is given, in training and at
+    inference alike (no running statistics, as in the reference): running statistics lag
+    behind and use the unbiased variance, so an evaluated context token would differ from
+    the trained one. Hence it needs at least 2 classes."""
 
     def __init__(self, dim: int, token_dim: int):
         super().__init__()
+
+        def norm(width: int) -> nn.BatchNorm1d:
+            return nn.BatchNorm1d(width, track_running_stats=False)
+
         self.net = nn.Sequential(
-            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.SELU(),
-            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.SELU(),
-            nn.Linear(dim, token_dim), nn.BatchNorm1d(token_dim), nn.SELU(),
+            nn.Linear(dim, dim), norm(dim), nn.SELU(),
+            nn.Linear(dim, dim), norm(dim), nn.SELU(),
+            nn.Linear(dim, token_dim), norm(token_dim), nn.SELU(),
             nn.Linear(token_dim, token_dim),
         )
 
@@ -92,6 +101,10 @@ class PromptLearner(nn.Module):
 
     def features(self, class_ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Normalised text features ``f_c`` of the given classes."""
+        if len(class_ids) < 2:
+            raise PromptError(
+                f"the context generator normalises over the seen classes and needs at least 2; got {len(class_ids)}"
+            )
         model = self.text_model
         embeddings = model.token_embedding(self.tokens[class_ids]).detach()
         generated = self.generator(self.class_features[class_ids])
@@ -133,6 +146,27 @@ def class_positions(seen: list[int]) -> torch.Tensor:
     return position
 
 
+def make_optimizer(
+    params: list[torch.Tensor], lr: float, total_steps: int, batch_size: int, kind: str = "adamw"
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """``adamw``: AdamW at a constant ``lr``, no weight decay (design D, as in CGIL).
+    ``sgd``: the CLAP reference's plain SGD at ``lr * batch_size / 20``, linear warm-up over
+    the first 30% of the steps, then cosine decay to 0."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
+    if kind != "sgd":
+        raise PromptError(f"unknown optimizer {kind!r} (adamw or sgd)")
+    optimizer = torch.optim.SGD(params, lr=lr * batch_size / 20)
+    warmup = max(1, round(0.3 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_balanced(
     params: list[torch.Tensor],
     lr: float,
@@ -144,12 +178,13 @@ def train_balanced(
     batch_loss: Callable[[torch.Tensor], torch.Tensor],
     log_metric: Callable[[str, float, int], None] | None = None,
     first_epoch: int = 0,
+    optimizer_kind: str = "adamw",
 ) -> list[float]:
-    """AdamW with a cosine schedule over ``epochs`` class-balanced epochs of ``classes``;
-    ``batch_loss(rows)`` gives the loss of a batch of row indices. Returns per-epoch losses."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """``epochs`` class-balanced epochs of ``classes`` with the optimizer of
+    ``make_optimizer``; ``batch_loss(rows)`` gives the loss of a batch of row indices.
+    Returns per-epoch losses."""
     steps_per_epoch = math.ceil(len(classes) * settings.per_class_per_epoch / settings.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(params, lr, epochs * steps_per_epoch, settings.batch_size, optimizer_kind)
     losses = []
     for epoch in range(epochs):
         rows = balanced_epoch(labels, classes, settings.per_class_per_epoch, generator)
@@ -159,7 +194,8 @@ def train_balanced(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.item() * len(batch)
             count += len(batch)
         losses.append(total / count)

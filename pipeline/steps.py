@@ -30,10 +30,12 @@ def _metrics_file(cfg: Config, name: str) -> Path:
 
 
 def _set_threads() -> None:
-    # DataLoader workers and the main process share few cores; let torch use them all.
+    """All cores for torch, unless OMP_NUM_THREADS says otherwise (steps sharing a machine
+    with other jobs: oversubscribed OpenMP threads spin and slow everyone down)."""
     import os
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else max(1, os.cpu_count() or 1))
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
@@ -238,7 +240,12 @@ def run_init_prompts(cfg: Config) -> dict[str, Any]:
             from pipeline.head import ProbabilisticHead
 
             torch.manual_seed(cfg.seed)
-            head = ProbabilisticHead(text["class_features"].shape[1], std_floor=cfg.method.head.std_floor)
+            settings = cfg.method.head
+            head = ProbabilisticHead(
+                text["class_features"].shape[1], std_floor=settings.std_floor, ff_width=settings.attention_ff_width,
+                dropout=settings.attention_dropout, zero_init_attention=settings.zero_init_attention,
+                encoder_bias=settings.encoder_bias,
+            )
             extra, tensors = {"head_tasks": "0"}, head_state(head)
         save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False, extra=extra, extra_tensors=tensors)
     return {"classes": int(learner.ctx.shape[0])}
@@ -259,7 +266,8 @@ def _load_head(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Pa
         )
     if int(info["head_tasks"]) != expected_tasks:
         raise TaskInputError(f"{path}: the head has {info['head_tasks']} task encoder(s), expected {expected_tasks}")
-    return load_head(state, dim, expected_tasks, cfg.method.head.std_floor)
+    settings = cfg.method.head
+    return load_head(state, dim, expected_tasks, settings.std_floor, settings.attention_dropout, settings.encoder_bias)
 
 
 def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -323,7 +331,7 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
 
             head = _load_head(cfg, state, previous, task_file(cfg.paths.prompts, task - 1), learner.class_features.shape[1], task - 1)
             templates = text["template_features"].float()
-            head.add_task(*text_statistics(templates[torch.tensor(seen)]))
+            head.add_task(*text_statistics(templates[torch.tensor(seen)]), seed=cfg.seed * 1000 + task)
             if training is not None:
                 losses = train_with_head(
                     learner, head, *training, seen, _class_task(split, task), task, templates,

@@ -43,6 +43,39 @@ def test_demo_and_paper_experiments(project):
     assert config.load(None, ["generator=gauss"]).generator.name == "gauss"
 
 
+def test_every_method_trains_on_the_same_schedule(project):
+    demo = {m: config.load(None, [f"method={m}"]).method.prompt for m in ("sequential", "cgil", "clap", "joint")}
+    assert {(p.epochs, p.per_class_per_epoch, p.lr) for p in demo.values()} == {(20, 128, 0.05)}
+    paper = {m: config.load(None, ["experiment=paper", f"method={m}"]).method.prompt for m in ("cgil", "clap")}
+    assert {(p.epochs, p.per_class_per_epoch) for p in paper.values()} == {(60, 256)}
+    # One value moves every method's budget.
+    assert config.load(None, ["method=cgil", "schedule.epochs=7"]).method.prompt.epochs == 7
+
+
+@pytest.mark.parametrize(
+    "profile, dataset, what_to_download",
+    [("cifar100_vitb16", "cifar100", "cifar-100-python.tar.gz"), ("imagenet_r_vitb16", "imagenet_r", "imagenet-r.tar")],
+)
+def test_paper_profiles_set_a_whole_paper_run_and_fail_clearly_offline(project, profile, dataset, what_to_download):
+    from pipeline import backbone as backbone_lib
+    from pipeline.backbone import BackboneError
+    from pipeline.data import prepare_dataset
+    from pipeline.data.prepare import DatasetUnavailable
+
+    cfg = config.load(None, [f"experiment={profile}", f"dataset.root={project / 'raw'}"])
+    assert (cfg.dataset.name, cfg.backbone.arch, cfg.backbone.pretrained) == (dataset, "ViT-B-16", "openai")
+    assert cfg.split.n_tasks == 10
+    assert (cfg.method.name, cfg.method.prompt.epochs, cfg.method.prompt.per_class_per_epoch) == ("clap", 60, 256)
+    assert cfg.method.prompt.lr == 0.05 and (cfg.generator.hidden, cfg.generator.epochs) == (512, 500)
+    # Offline, the first step that needs the data, and the one that needs the weights, say
+    # what to download and where.
+    with pytest.raises(DatasetUnavailable) as err:
+        prepare_dataset(cfg)
+    assert what_to_download in str(err.value) and str(project / "raw") in str(err.value)
+    with pytest.raises(BackboneError, match="backbone=local_file"):
+        backbone_lib.materialise(cfg.backbone, "models/backbone")
+
+
 def test_local_file_backbone_needs_its_checkpoint(project):
     with pytest.raises(ConfigError, match=r"checkpoint"):
         config.load(None, ["backbone=local_file"])

@@ -59,6 +59,15 @@ def test_embeddings_are_reused_when_backbone_and_data_match(world):
     assert _embed(world, batch_size=4)[0]["reused"]
 
 
+def test_embeddings_of_another_precision_are_not_reused(world):
+    first, _ = _embed(world)
+    assert first["precision"] == "fp32"  # what `auto` means on a CPU
+    bf16, _ = _embed(world, precision="bf16")
+    assert not bf16["reused"] and bf16["precision"] == "bf16"
+    back, _ = _embed(world, precision="auto")
+    assert not back["reused"] and back["precision"] == "fp32"
+
+
 def test_embeddings_of_other_weights_are_refused_and_recomputed(world):
     _, old = _embed(world)
     torch.manual_seed(123)

@@ -16,14 +16,14 @@ from pipeline.head import (
     kl_to_prior,
     language_regulariser,
     predictive_summary,
+    text_statistics,
 )
 
 DIM = 8
 
 
 def _trained_like_head(n_tasks: int = 2, seed: int = 0) -> ProbabilisticHead:
-    """A head with every weight random, as after training (the attention's zero-initialised
-    output scale included, so the attention really mixes the image in)."""
+    """A head with every weight random, as after training."""
     torch.manual_seed(seed)
     head = ProbabilisticHead(DIM)
     for _ in range(n_tasks):
@@ -92,10 +92,51 @@ def test_logits_are_those_of_the_normalised_sampled_features():
     assert torch.allclose(out.z_mean, (mu[None] + sigma[None] * noise[:, None]).mean(dim=(0, 1)), atol=1e-6)
 
 
+def test_encoders_start_from_the_template_mean_and_variance():
+    # Two classes, two templates, d = 2: per-dimension template variance by hand.
+    templates = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[0.0, 2.0], [0.0, 4.0]]])
+    mean, variance = text_statistics(templates)
+    assert torch.equal(mean, torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    assert torch.equal(variance, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    head = ProbabilisticHead(2, std_floor=0.001)
+    head.add_task(mean, variance)
+    encoder = head.encoders[0]
+    # A = T^T T / d, B = V^T V / d with V the variance (not the standard deviation).
+    assert torch.allclose(encoder.mean.weight, torch.tensor([[2.0, 0.0], [0.0, 4.5]]))
+    assert torch.allclose(encoder.std.weight, torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    assert torch.equal(encoder.mean.bias, torch.zeros(2))
+    # template_std: sigma at zero input is the mean template standard deviation, 0.5 here.
+    _, sigma = encoder(torch.zeros(1, 2), head.std_floor)
+    assert torch.allclose(sigma, torch.full((1, 2), 0.5), atol=1e-5)
+    # pytorch_default: nn.Linear's uniform bias, drawn from the given seed.
+    defaults = [ProbabilisticHead(2, encoder_bias="pytorch_default") for _ in range(2)]
+    for head, seed in zip(defaults, (3, 3)):
+        head.add_task(mean, variance, seed=seed)
+    bias = defaults[0].encoders[0].std.bias
+    assert torch.equal(bias, defaults[1].encoders[0].std.bias)
+    assert bias.abs().max() <= 1 / math.sqrt(2) and not torch.equal(bias, torch.zeros(2))
+
+
+def test_attention_is_the_reference_layer_and_drops_out_only_in_training():
+    head = ProbabilisticHead(DIM)
+    layer = head.attention.layer
+    assert layer.linear1.out_features == 2048 and layer.dropout.p == 0.1
+    assert torch.equal(layer.norm3.weight, torch.ones(DIM))  # no zero-initialised output
+    _, features, class_task = _classes()
+    images = torch.randn(4, DIM)
+    head.eval()
+    assert torch.equal(head.attention(features, images, class_task), head.attention(features, images, class_task))
+    head.train()
+    torch.manual_seed(0)
+    first = head.attention(features, images, class_task)
+    assert not torch.allclose(first, head.attention(features, images, class_task))
+
+
 def test_one_sample_without_spread_reduces_to_the_deterministic_learner():
     ids, features, class_task = _classes()
     torch.manual_seed(0)
-    head = ProbabilisticHead(DIM, std_floor=0.0)
+    # The attention's zero-initialised output scale makes v_c = 0 (the ablation's start).
+    head = ProbabilisticHead(DIM, std_floor=0.0, zero_init_attention=True)
     for _ in range(2):
         head.add_task(torch.zeros(3, DIM), torch.zeros(3, DIM))
         with torch.no_grad():

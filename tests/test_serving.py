@@ -84,9 +84,14 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     cfg = _cfg("clap", "method.head.mc_test=5")
     steps.run_init_prompts(cfg)
     _task(cfg, 1)
-    with using_tracking_uri(tracking_uri(cfg)):
+    import warnings
+
+    with using_tracking_uri(tracking_uri(cfg)), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = mlflow.pyfunc.load_model(f"models:/{MODEL}@task-1")
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@task-1"))
+    # Loading (so every `recall classify`) prints no "add type hints to predict" warning.
+    assert not [w for w in caught if "type hint" in str(w.message)], [str(w.message) for w in caught]
     assert model.metadata.signature is not None
     requirements = (local / "requirements.txt").read_text()
     assert f"torch=={torch.__version__.split('+')[0]}\n" in requirements and "+cpu" not in requirements
