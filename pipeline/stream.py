@@ -47,7 +47,7 @@ LEDGER_VERSION = 1
 
 # Bounded retries (botocore's "standard" mode: throttling, 5xx, connection resets) and
 # short timeouts, so an unreachable endpoint fails in seconds instead of minutes.
-S3_MAX_ATTEMPTS = 4
+S3_MAX_ATTEMPTS = 3
 S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 20
 # Each lost race for an entry means another ingest appended one; more than this many in a
@@ -319,9 +319,13 @@ def call_s3(fn: Callable[[], Any], *, bucket: str, endpoint_url: str | None, mis
                 f"{where}: the credentials were refused ({code or status}); check AWS_PROFILE or "
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment and the bucket policy"
             ) from None
-        if code == "404" or status == 404:
-            raise SourceError(f"{where}: the bucket does not exist (404)") from None
         message = exc.response.get("Error", {}).get("Message", "")
+        if code in {"", str(status)}:
+            # A bare HTTP status with no S3 error document: not an S3 API answering.
+            raise SourceError(
+                f"{where}: HTTP {status} without an S3 error; is {endpoint_label(endpoint_url)} an S3 "
+                "endpoint (check dataset.endpoint_url / AWS_ENDPOINT_URL, and any proxy in between)?"
+            ) from None
         raise SourceError(f"{where}: S3 error {code or status}: {message}") from None
 
 
