@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -284,6 +285,7 @@ def call_s3(fn: Callable[[], Any], *, bucket: str, endpoint_url: str | None, mis
     reach them.
     """
     from botocore.exceptions import (
+        BotoCoreError,
         ClientError,
         ConnectionError as BotoConnectionError,
         HTTPClientError,
@@ -296,7 +298,8 @@ def call_s3(fn: Callable[[], Any], *, bucket: str, endpoint_url: str | None, mis
         return fn()
     except (BotoConnectionError, HTTPClientError) as exc:
         raise SourceError(
-            f"S3 endpoint {endpoint_label(endpoint_url)} does not answer ({type(exc).__name__}) for {where}; "
+            f"S3 endpoint {endpoint_label(endpoint_url)} does not answer ({type(exc).__name__}) for bucket "
+            f"{bucket!r}; "
             "check dataset.endpoint_url or AWS_ENDPOINT_URL and that the server is running and reachable"
         ) from None
     except (NoCredentialsError, PartialCredentialsError):
@@ -327,6 +330,8 @@ def call_s3(fn: Callable[[], Any], *, bucket: str, endpoint_url: str | None, mis
                 "endpoint (check dataset.endpoint_url / AWS_ENDPOINT_URL, and any proxy in between)?"
             ) from None
         raise SourceError(f"{where}: S3 error {code or status}: {message}") from None
+    except BotoCoreError as exc:  # e.g. an invalid bucket name; never carries credentials
+        raise SourceError(f"{where}: {type(exc).__name__}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- scanning a batch
@@ -651,12 +656,17 @@ class FolderLedgerStore:
     def create(self, number: int, record: Record) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / entry_name(number)
-        with atomic_path(self.folder / f".{entry_name(number)}.new") as tmp:
-            tmp.write_bytes(_entry_bytes(record))
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(_entry_bytes(record))
+            # A complete file appears under the entry's name, or nothing does.
             try:
                 os.link(tmp, target)
             except FileExistsError:
                 raise EntryTaken(str(target)) from None
+        finally:
+            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- ingest
@@ -679,8 +689,7 @@ def ingest(
     its content changes, so an error on the way leaves it as it was.
     """
     ledger_path = Path(ledger_path)
-    local = read_ledger(ledger_path)
-    records = store.read() if store is not None else [Record(entry) for entry in local]
+    records = store.read() if store is not None else [Record(entry) for entry in read_ledger(ledger_path)]
     known = {r.entry["batch"] for r in records}
     new: list[dict[str, Any]] = []
     for batch in source.batches():

@@ -422,7 +422,8 @@ def test_folder_stream_end_to_end_with_the_demo_producer(project):
 
     runner = CliRunner()
     small = ["dataset.shapes.train_per_class=3", "dataset.shapes.test_per_class=1", "dataset.shapes.image_size=16"]
-    stream_cfg = ["dataset=stream", "dataset.source=incoming"]
+    # The shared ledger in a folder: entries created exclusively, as with S3's conditional put.
+    stream_cfg = ["dataset=stream", "dataset.source=incoming", "dataset.ledger_uri=state/ledger"]
 
     def invoke(*args):
         result = runner.invoke(app, list(args))
@@ -440,6 +441,7 @@ def test_folder_stream_end_to_end_with_the_demo_producer(project):
     ledger = entries(project / cfg.paths.ledger)
     assert [(e["batch"], e["task"]) for e in ledger] == [("batch-001", 1), ("batch-002", 2)]
     assert not set(ledger[0]["classes"]) & set(ledger[1]["classes"])
+    assert sorted(p.name for p in (project / "state" / "ledger").iterdir()) == ["entry-000001.json", "entry-000002.json"]
     manifest = stream.load_task_manifest(project / cfg.paths.tasks, 2)
     images = stream.StreamImages(stream.open_source("incoming"), manifest, "test", lambda im: torch.zeros(1))
     assert len(images) == 3 and all(images[i][2] is None for i in range(3))
