@@ -107,9 +107,6 @@ class FolderSource:
         if not self.root.is_dir():
             raise SourceError(f"{self.root}: stream source folder does not exist (dataset.source)")
 
-    def describe(self) -> str:
-        return self.uri
-
     def batch_uri(self, batch: str) -> str:
         return f"{self.root / batch}/"
 
@@ -169,9 +166,6 @@ class S3Source:
             self._client = s3_client(self.endpoint_url)
             self._client_pid = os.getpid()
         return self._client
-
-    def describe(self) -> str:
-        return f"bucket {self.bucket!r} at {endpoint_label(self.endpoint_url)}"
 
     def batch_uri(self, batch: str) -> str:
         return f"{self.uri}{batch}/"
