@@ -238,6 +238,49 @@ def classify(
     _run(run)
 
 
+@app.command()
+def ingest(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Take every ready batch of the stream source into the ledger (dataset=stream)."""
+    from pipeline import stream
+
+    def run():
+        cfg = _config(params, overrides)
+        return cfg, stream.ingest_from_config(cfg)
+
+    cfg, entries = _run(run)
+    if not entries:
+        typer.echo(f"no new ready batches; {cfg.paths.ledger} unchanged")
+    for entry in entries:
+        if entry["status"] == "accepted":
+            counts = entry["counts"].values()
+            typer.echo(
+                f"{entry['batch']}: task {entry['task']}, {len(entry['classes'])} classes "
+                f"({', '.join(entry['classes'])}), {sum(c['train'] for c in counts)} train / "
+                f"{sum(c['test'] for c in counts)} test images"
+            )
+        else:
+            typer.echo(f"{entry['batch']}: rejected: {entry['reason']}")
+
+
+@app.command("stream-demo")
+def stream_demo(
+    folder: Path = typer.Argument(..., help="Local stream source folder to write batches into."),
+    batches: Optional[int] = typer.Option(None, "--batches", "-n", help="Number of batches the world is cut into (default: split.n_tasks)."),
+    next_only: bool = typer.Option(False, "--next", help="Write only the next batch not yet in the folder."),
+    flat: bool = typer.Option(False, "--flat", help="<batch>/<class>/ without train/test folders (the hash split decides)."),
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Write the shapes demo world as a stream of batches (one class set each, _READY last)."""
+    from pipeline import config, stream
+
+    def run():
+        cfg = config.load(None, ["dataset=shapes", *(overrides or [])])
+        return stream.write_demo_batches(cfg, folder, n_batches=batches, only_next=next_only, flat=flat)
+
+    written = _run(run)
+    typer.echo(f"wrote {', '.join(written)} into {folder}" if written else f"{folder}: every batch is already there")
+
+
 @app.command("compose-params")
 def compose_params(
     output: Path = typer.Option(Path("params.yaml"), "--output", "-o"),

@@ -94,8 +94,21 @@ class ImageNetRDataset(_DatasetBase):
     split_seed: int = 0
 
 
+class StreamDataset(_DatasetBase):
+    """Batches of new classes arriving in a folder or an S3 prefix (``recall ingest``)."""
+
+    name: Literal["stream"]
+    # A folder, or s3://bucket/prefix; region and credentials come from the AWS environment.
+    source: str = Field(min_length=1)
+    # An S3-compatible endpoint (MinIO, moto); null: AWS_ENDPOINT_URL, else AWS itself.
+    endpoint_url: str | None = None
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # The authoritative, shared ledger (one object per entry); null: the local file only.
+    ledger_uri: str | None = None
+
+
 DatasetConfig = Annotated[
-    Union[ShapesDataset, ImageFolderDataset, Cifar100Dataset, ImageNetRDataset],
+    Union[ShapesDataset, ImageFolderDataset, Cifar100Dataset, ImageNetRDataset, StreamDataset],
     Field(discriminator="name"),
 ]
 
@@ -278,6 +291,8 @@ class PathsConfig(_Strict):
     metrics: str
     evaluations: str
     plots: str
+    ledger: str = "ledger.yaml"
+    tasks: str = "data/tasks"
 
 
 class Config(_Strict):

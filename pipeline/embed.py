@@ -57,12 +57,21 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         path = self.prepared.image_path(self.samples[index])
-        try:
-            with Image.open(path) as image:
-                tensor = self.preprocess(image.convert("RGB"))
-        except Exception as exc:  # PIL raises several types for unreadable files
-            return None, index, f"{path}: {type(exc).__name__}: {exc}"
-        return tensor, index, None
+        tensor, error = decode_image(path, self.preprocess, str(path))
+        return tensor, index, error
+
+
+def decode_image(image_file, preprocess, name: str):
+    """(tensor, None) for a readable image, (None, "<name>: <why>") for a bad one.
+
+    ``image_file`` is a path or a binary file object; every image dataset decodes through
+    here, so a bad image is reported the same way whichever source it came from.
+    """
+    try:
+        with Image.open(image_file) as image:
+            return preprocess(image.convert("RGB")), None
+    except Exception as exc:  # PIL raises several types for unreadable files
+        return None, f"{name}: {type(exc).__name__}: {exc}"
 
 
 def collate_images(batch):
@@ -71,6 +80,22 @@ def collate_images(batch):
     images = torch.stack([x for x, _ in good]) if good else None
     indices = torch.tensor([i for _, i in good], dtype=torch.long)
     return images, indices, bad
+
+
+def screen_bad_images(batches, on_bad_image: str, where: str, sample_id, skipped: list[str]):
+    """Yield (images, indices) of collated batches, applying ``on_bad_image`` to the rest.
+
+    ``error`` raises BadImage naming the image; ``skip`` logs it and appends its
+    ``sample_id(index)`` to ``skipped``.
+    """
+    for images, indices, bad in batches:
+        for index, error in bad:
+            if on_bad_image == "error":
+                raise BadImage(f"unreadable image {where} (sample {sample_id(index)}): {error}")
+            log.warning("skipping unreadable image: %s", error)
+            skipped.append(sample_id(index))
+        if images is not None:
+            yield images, indices
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,14 +199,10 @@ def embed_split(
             buffered = len(ids) - cut
 
         with torch.inference_mode():
-            for images, indices, bad in tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress):
-                for index, error in bad:
-                    if on_bad_image == "error":
-                        raise BadImage(f"unreadable image in {split} (sample {samples[index].sample_id}): {error}")
-                    log.warning("skipping unreadable image: %s", error)
-                    skipped.append(samples[index].sample_id)
-                if images is None:
-                    continue
+            batches = tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress)
+            for images, indices in screen_bad_images(
+                batches, on_bad_image, f"in {split}", lambda i: samples[i].sample_id, skipped
+            ):
                 images = images.to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
