@@ -35,6 +35,7 @@ def _run(fn):
     from pipeline.embed import EmbeddingMismatch
     from pipeline.generators import GeneratorError
     from pipeline.prompts import PromptError
+    from pipeline.registry import RegistryError
     from pipeline.serving import ServingError
     from pipeline.split import SplitError
     from pipeline.steps import TaskInputError
@@ -43,7 +44,7 @@ def _run(fn):
         return fn()
     except (
         ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
-        TaskInputError, ServingError, FileNotFoundError,
+        TaskInputError, ServingError, RegistryError, FileNotFoundError,
     ) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -180,7 +181,7 @@ def summary(params: Path = ParamsOption, overrides: Optional[list[str]] = Overri
 @app.command()
 def classify(
     images: Optional[list[Path]] = typer.Argument(None, help="Image files to classify."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default: <experiment>-classifier of the current params)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default: the classifier of the current params' lineage, <experiment>-<lineage>-classifier)."),
     alias: str = typer.Option("champion", "--alias", "-a", help="Alias of the version to use: champion, task-3, ..."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="A safetensors file with an 'embeddings' tensor [N, d] instead of images."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input instead of a table."),
@@ -199,12 +200,13 @@ def classify(
         from pipeline import config
         from pipeline.io import read_tensors
         from pipeline.serving import ServingError
-        from pipeline.tracking import experiment_name, tracking_uri, using_tracking_uri
+        from pipeline.registry import model_name
+        from pipeline.tracking import tracking_uri, using_tracking_uri
 
         cfg = config.load(params if params.exists() else None, None)
-        name = model or f"{experiment_name(cfg)}-classifier"
         if bool(images) == bool(embeddings):
             raise ServingError("give image files or --embeddings (one of the two)")
+        name = model or model_name(cfg, "classifier")
         uri = f"models:/{name}@{alias}"
         try:
             with using_tracking_uri(tracking_uri(cfg)):

@@ -266,6 +266,11 @@ class GateConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str | None = None
+    # Registered models are named <experiment>-<lineage>-<kind>. Unset, the lineage part is
+    # derived (<method>-s<seed>-<hash of what determines the models>), so runs of other
+    # methods, seeds or class orders never share a model; set, it is this stable name and
+    # every run with it meets the same champion (a production loop).
+    lineage: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     # Register each task's classifier as a servable MLflow pyfunc model version.
     register_classifier: bool = True
     gate: GateConfig = GateConfig()

@@ -16,6 +16,7 @@ import torch
 
 from pipeline import backbone as backbone_lib
 from pipeline import embed as embed_lib
+from pipeline import registry
 from pipeline.config import Config
 from pipeline.data import load_prepared, prepare_dataset
 from pipeline.io import write_json
@@ -181,7 +182,13 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
         generators.save_bank(out, bank, {"task": str(task), "backbone_sha256": sha256, "seconds": f"{seconds:.3f}"})
         figures = {"fit_seconds": seconds, "fit_loss_mean": sum(bank.fit_loss) / len(bank.fit_loss)}
         run.log_metrics(figures, step=task)
-        run.register_model(tracker.model_name(f"{bank.kind}-bank"), [out], tracker.version_tags(task))
+        # The bank is determined by its classes' train embeddings, given the lineage (which
+        # holds the generator settings and seed).
+        digest = registry.input_digest(tracker.lineage, f"{bank.kind}-bank", task, {
+            "train_embeddings": registry.tensors_digest({str(c): x for c, x in by_class.items()}),
+        })
+        run.register_model(tracker.model_name(f"{bank.kind}-bank"), [out], tracker.version_tags(task),
+                           input_digest=digest, lineage=tracker.lineage)
     return figures
 
 
@@ -351,7 +358,15 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         figures = {"finetune_seconds": seconds, **({"final_loss": losses[-1]} if losses else {})}
         run.log_metrics(figures, step=task)
         if training is not None:
-            run.register_model(tracker.model_name("prompts"), [out], tracker.version_tags(task))
+            # The new state is determined by the previous one, what it trained on and the
+            # text features, given the lineage (method settings, seed).
+            digest = registry.input_digest(tracker.lineage, "prompts", task, {
+                "previous_state": registry.safetensors_digest(task_file(cfg.paths.prompts, task - 1)),
+                "training_set": registry.tensors_digest({"embeddings": training[0], "labels": training[1]}),
+                "text_features": registry.safetensors_digest(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE),
+            })
+            run.register_model(tracker.model_name("prompts"), [out], tracker.version_tags(task),
+                               input_digest=digest, lineage=tracker.lineage)
     return figures
 
 
@@ -430,72 +445,122 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
                              f"{cfg.method.name} after task {task}")
             run.log_artifact(diagram, "plots")
             if cfg.tracking.register_classifier:
-                result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result, Path(tmp))
+                result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result, test, split, Path(tmp))
     return result
 
 
-def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifier, backbone, result: dict, tmp: Path) -> dict:
-    """A pyfunc model version of this task's classifier, aliased ``task-<k>``; it takes the
-    ``champion`` alias only if it passes the gate against the current champion."""
+def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifier, backbone, result: dict,
+                         test: dict[str, torch.Tensor], split: dict, tmp: Path) -> dict:
+    """A pyfunc model version of this task's classifier in its lineage's model, aliased
+    ``task-<k>``; it takes the ``champion`` alias only if it passes the gate against the
+    current champion. A version registered from identical inputs is reused as it is."""
     from mlflow.exceptions import MlflowException
 
     from pipeline import serving
 
     names = load_prepared(cfg.paths.prepared).classes
-    path = tmp / serving.CLASSIFIER_FILE
-    backbone_ref = {
-        "name": cfg.backbone.name, "arch": backbone.info["arch"], "sha256": backbone.sha256,
-        "folder": str(Path(cfg.paths.backbone).resolve()),
-        "source": cfg.backbone.source, "pretrained": cfg.backbone.pretrained,
-    }
-    serving.save_classifier(path, classifier, names, backbone_ref, {"task": task, "method": cfg.method.name, "seed": cfg.seed})
-    model_uri = serving.log_pyfunc(tracker.uri, run.run_id, path, classifier.class_features.shape[1])
     name = tracker.model_name("classifier")
-    try:
-        tracker.client.create_registered_model(name, description=(
-            "Classifier after each task: learned prompts (and probabilistic head) over the classes seen so far. "
-            "Alias task-<k> marks each task's version; champion the best one that passed the gate."
-        ))
-    except MlflowException:
-        pass  # already registered
-    accuracy = {k: float(v) for k, v in result["accuracy_row"].items()}
-    tags = {
-        **tracker.version_tags(task),
-        "step_accuracy": f"{result['step_accuracy']:.4f}",
-        "ece": f"{result['calibration']['ece']:.4f}",
-        "accuracy_row": json.dumps(accuracy),
-    }
-    import mlflow
-
-    from pipeline.tracking import using_tracking_uri
-
-    # register_model links the version to the logged model (a tracking server requires it).
-    with using_tracking_uri(tracker.uri):
-        version = mlflow.register_model(model_uri, name, tags=tags).version
-    tracker.client.set_registered_model_alias(name, f"task-{task}", version)
+    lineage = tracker.lineage
+    known_classes = [names[c] for c in classifier.class_ids]
+    task_tests = registry.task_test_digests(test, split["tasks"][:task], names)
+    digest = registry.input_digest(lineage, "classifier", task, {
+        "prompt_state": registry.safetensors_digest(task_file(cfg.paths.prompts, task)),
+        "text_features": registry.safetensors_digest(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE),
+        "test_embeddings": registry.tensors_digest(test),
+    })
+    registry.ensure_registered_model(tracker.client, name, lineage, description=(
+        "Classifier after each task of one lineage (see the recall.lineage.* tags): learned prompts (and "
+        "probabilistic head) over the classes seen so far. Alias task-<k> marks each task's version; champion "
+        "the best one that passed the gate."
+    ))
     try:
         champion = tracker.client.get_model_version_by_alias(name, "champion")
-        champion_row = {k: float(v) for k, v in json.loads(champion.tags.get("accuracy_row", "{}")).items()}
-        champion_version = champion.version
     except MlflowException:
-        champion_row, champion_version = None, None
+        champion = None
+    champion_version = champion.version if champion is not None else None
+
+    existing = registry.find_version(tracker.client, name, digest)
+    if existing is not None and "gate" in existing.tags:
+        # Re-running an identical experiment (or retrying this step) must neither add a
+        # version nor move an alias: the earlier decision stands.
+        decision = {
+            "model": name, "version": existing.version, "reused": True, "promoted": False,
+            "champion": champion_version == existing.version, "champion_before": champion_version,
+            "reasons": [f"inputs identical to version {existing.version} ({registry.INPUT_DIGEST_TAG} "
+                        f"{digest[:12]}): reused it; aliases left as they are"],
+            "gate": cfg.tracking.gate.model_dump(),
+        }
+        run.set_tag(f"recall.registered.{name}", existing.version)
+        run.set_tag(f"recall.reused.{name}", existing.version)
+        run.set_tag("recall.gate", "reused")
+        run.set_tag("recall.gate_reasons", decision["reasons"][0])
+        _log_decision(run, decision, tmp)
+        log.info("task %d classifier %s: %s", task, name, decision["reasons"][0])
+        return decision
+
+    accuracy = {k: float(v) for k, v in result["accuracy_row"].items()}
+    if existing is not None:
+        # An earlier attempt registered it but stopped before its gate decision.
+        version = existing.version
+    else:
+        path = tmp / serving.CLASSIFIER_FILE
+        backbone_ref = {
+            "name": cfg.backbone.name, "arch": backbone.info["arch"], "sha256": backbone.sha256,
+            "folder": str(Path(cfg.paths.backbone).resolve()),
+            "source": cfg.backbone.source, "pretrained": cfg.backbone.pretrained,
+        }
+        serving.save_classifier(path, classifier, names, backbone_ref, {"task": task, "method": cfg.method.name, "seed": cfg.seed})
+        model_uri = serving.log_pyfunc(tracker.uri, run.run_id, path, classifier.class_features.shape[1])
+        tags = {
+            **tracker.version_tags(task),
+            "step_accuracy": f"{result['step_accuracy']:.4f}",
+            "ece": f"{result['calibration']['ece']:.4f}",
+            "accuracy_row": json.dumps(accuracy),
+            "classes": json.dumps(known_classes),
+            "class_count": str(len(known_classes)),
+            "test_digests": json.dumps(task_tests),
+            registry.INPUT_DIGEST_TAG: digest,
+        }
+        import mlflow
+
+        from pipeline.tracking import using_tracking_uri
+
+        # register_model links the version to the logged model (a tracking server requires it).
+        with using_tracking_uri(tracker.uri):
+            version = mlflow.register_model(model_uri, name, tags=tags).version
+    tracker.client.set_registered_model_alias(name, f"task-{task}", version)
+    champion_row = champion_classes = champion_tests = None
+    if champion is not None:
+        champion_row = {k: float(v) for k, v in json.loads(champion.tags.get("accuracy_row", "{}")).items()}
+        champion_classes = json.loads(champion.tags["classes"]) if "classes" in champion.tags else None
+        champion_tests = json.loads(champion.tags["test_digests"]) if "test_digests" in champion.tags else None
     gate = cfg.tracking.gate
-    passed, reasons = serving.gate_decision(accuracy, champion_row, gate.max_task_drop, gate.max_average_drop)
+    passed, reasons = serving.gate_decision(
+        accuracy, champion_row, gate.max_task_drop, gate.max_average_drop,
+        candidate_classes=known_classes, champion_classes=champion_classes,
+        candidate_tests=task_tests, champion_tests=champion_tests,
+    )
     if passed:
         tracker.client.set_registered_model_alias(name, "champion", version)
     decision = {
-        "model": name, "version": version, "promoted": passed, "reasons": reasons,
-        "champion_before": champion_version, "gate": gate.model_dump(),
+        "model": name, "version": version, "reused": existing is not None, "promoted": passed, "champion": passed,
+        "reasons": reasons, "champion_before": champion_version, "gate": gate.model_dump(),
     }
-    tracker.client.set_model_version_tag(name, version, "gate", "passed" if passed else "rejected")
     tracker.client.set_model_version_tag(name, version, "gate_reasons", " | ".join(reasons)[:5000])
+    # Set last: a version without it had its registration interrupted (see above).
+    tracker.client.set_model_version_tag(name, version, "gate", "passed" if passed else "rejected")
+    run.set_tag(f"recall.registered.{name}", version)
     run.set_tag("recall.gate", "passed" if passed else "rejected")
     run.set_tag("recall.gate_reasons", " | ".join(reasons)[:5000])
     run.log_metric("gate_passed", float(passed), step=task)
-    (tmp / "gate.json").write_text(json.dumps(decision, indent=2))
-    run.log_artifact(tmp / "gate.json", "gate")
+    _log_decision(run, decision, tmp)
     log.info("task %d classifier %s v%s: %s (%s)", task, name, version, "champion" if passed else "not promoted", "; ".join(reasons))
     return decision
+
+
+def _log_decision(run, decision: dict, tmp: Path) -> None:
+    (tmp / "gate.json").write_text(json.dumps(decision, indent=2))
+    run.log_artifact(tmp / "gate.json", "gate")
 
 
 def _seconds_of(path: Path) -> float:

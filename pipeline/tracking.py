@@ -9,6 +9,7 @@ project; ``tracking.uri`` in config, else ``MLFLOW_TRACKING_URI``, switches to a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -155,18 +156,24 @@ class StepRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def register_model(self, name: str, files: list[str | Path], tags: Mapping[str, Any]) -> str:
-        """Log ``files`` under ``model/`` and register them as a new version of ``name``."""
-        from mlflow.exceptions import MlflowException
+    def register_model(self, name: str, files: list[str | Path], tags: Mapping[str, Any], *,
+                       input_digest: str, lineage) -> str:
+        """Log ``files`` under ``model/`` and register them as a new version of ``name``,
+        unless a version from the same inputs (``input_digest``) exists: that one is reused."""
+        from pipeline.registry import INPUT_DIGEST_TAG, ensure_registered_model, find_version
 
+        ensure_registered_model(self.client, name, lineage)
+        existing = find_version(self.client, name, input_digest)
+        if existing is not None:
+            log.info("%s: inputs identical to version %s; reusing it", name, existing.version)
+            self.set_tag(f"recall.registered.{name}", existing.version)
+            self.set_tag(f"recall.reused.{name}", existing.version)
+            return existing.version
         for path in files:
             self.log_artifact(path, "model")
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered: add a version
         version = self.client.create_model_version(
-            name, source=f"runs:/{self.run_id}/model", run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
+            name, source=f"runs:/{self.run_id}/model", run_id=self.run_id,
+            tags={**{k: str(v) for k, v in tags.items()}, INPUT_DIGEST_TAG: input_digest},
         )
         self.set_tag(f"recall.registered.{name}", version.version)
         return version.version
@@ -215,16 +222,27 @@ class Tracker:
             tags["mlflow.source.git.commit"] = self.commit
         return tags
 
+    @functools.cached_property
+    def lineage(self):
+        """Read on first use: steps before the split and backbone exist register nothing."""
+        from pipeline.registry import lineage_of
+
+        return lineage_of(self.cfg)
+
     def model_name(self, kind: str) -> str:
-        """Registered model name: one per (dataset, backbone) experiment and kind."""
-        return f"{experiment_name(self.cfg)}-{kind}"
+        """Registered model name: one per (experiment, lineage) and kind."""
+        return self.lineage.model_name(experiment_name(self.cfg), kind)
 
     def version_tags(self, task: int) -> dict[str, str]:
+        from pipeline.registry import LINEAGE_TAG
+
         return {
             "task": str(task),
             "dataset": self.cfg.dataset.name,
             "backbone": self.cfg.backbone.name,
             "method": self.cfg.method.name,
+            "seed": str(self.cfg.seed),
+            LINEAGE_TAG: self.lineage.key,
             "git_commit": self.commit or "unknown",
         }
 

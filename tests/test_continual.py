@@ -47,8 +47,11 @@ def test_a_whole_run_produces_consistent_outputs(world):
 
     from pipeline.tracking import tracking_uri
 
+    from pipeline.registry import model_name
+
     client = MlflowClient(tracking_uri(world))
-    for name in ("recall-shapes-tiny-vae-bank", "recall-shapes-tiny-prompts"):
+    for name in (model_name(world, "vae-bank"), model_name(world, "prompts")):
+        assert name.startswith("recall-shapes-tiny-clap-s0-")
         versions = client.search_model_versions(f"name = '{name}'")
         assert sorted(int(v.tags["task"]) for v in versions) == [1, 2, 3], name
         assert all(v.tags["dataset"] == "shapes" and v.tags["backbone"] == "tiny" for v in versions)

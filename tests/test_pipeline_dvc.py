@@ -173,10 +173,23 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     assert "plots/accuracy_matrix.png" in {a.path for a in client.list_artifacts(report.info.run_id, "plots")}
     assert any(server_artifacts.rglob("accuracy_matrix.png"))  # in the server's artifact store
     # Registered versions: every task's classifier carries its task alias; the champion is one of them.
-    classifier = client.get_registered_model("recall-shapes-tiny-classifier")
+    from pipeline import config
+    from pipeline.registry import model_name
+
+    monkeypatch.chdir(repo)
+    name = model_name(config.load(repo / "params.yaml"), "classifier")
+    assert name.startswith("recall-shapes-tiny-clap-s1-")
+    classifier = client.get_registered_model(name)
     assert {"task-1", "task-2", "champion"} <= set(classifier.aliases)
-    versions = client.search_model_versions("name = 'recall-shapes-tiny-classifier'")
-    assert {v.tags["gate"] for v in versions} <= {"passed", "rejected"} and len(versions) >= 2
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert {v.tags["gate"] for v in versions} <= {"passed", "rejected"} and len(versions) == 2
+    # One model per lineage: the first params, two changed parameters, another seed.
+    lineages = [m for m in client.search_registered_models() if m.name.endswith("-classifier")]
+    assert len(lineages) == 4 and all({"task-1", "task-2", "champion"} <= set(m.aliases) for m in lineages)
+    # The same experiment again registers nothing and moves no alias.
+    _sh(repo, "dvc", "exp", "run", "-S", "seed=1")
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    assert client.get_registered_model(name).aliases == classifier.aliases
 
 
 def test_interrupted_run_resumes_at_the_interrupted_task(repo):

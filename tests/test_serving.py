@@ -13,7 +13,11 @@ import torch
 from pipeline import steps
 from pipeline.serving import gate_decision
 
-MODEL = "recall-shapes-tiny-classifier"
+
+def _model(cfg) -> str:
+    from pipeline.registry import model_name
+
+    return model_name(cfg, "classifier")
 
 
 def test_gate_decision_by_hand():
@@ -27,11 +31,16 @@ def test_gate_decision_by_hand():
     assert not passed and reasons[0].startswith("mean accuracy over tasks 1, 2: 84.0%")
 
 
-def _cfg(method: str, *extra: str):
+def _overrides(method: str, *extra: str) -> list[str]:
     from conftest import TINY
+
+    return TINY + [f"method={method}", "method.prompt.epochs=40", "tracking.register_classifier=true", *extra]
+
+
+def _cfg(method: str, *extra: str):
     from pipeline import config
 
-    return config.load(None, TINY + [f"method={method}", "method.prompt.epochs=40", "tracking.register_classifier=true", *extra])
+    return config.load(None, _overrides(method, *extra))
 
 
 def _client(cfg):
@@ -50,18 +59,21 @@ def _task(cfg, task: int) -> dict:
 
 
 def test_a_version_trained_without_replay_is_registered_but_not_champion(world):
-    good = _cfg("cgil")
+    # One named lineage (a production loop): runs of other methods meet the same champion.
+    good = _cfg("cgil", "tracking.lineage=production")
     steps.run_init_prompts(good)
     first = _task(good, 1)
     assert first["registry"]["promoted"] and first["registry"]["reasons"] == ["no champion yet"]
-    worse = _cfg("sequential", "tracking.gate.max_task_drop=0.1")
+    worse = _cfg("sequential", "tracking.lineage=production", "tracking.gate.max_task_drop=0.1")
     second = _task(worse, 2)
     decision = second["registry"]
     assert not decision["promoted"], decision
     assert any(reason.startswith("task 1: accuracy") for reason in decision["reasons"])
     client = _client(worse)
-    assert client.get_model_version_by_alias(MODEL, "champion").version == first["registry"]["version"]
-    rejected = client.get_model_version_by_alias(MODEL, "task-2")
+    model = _model(worse)
+    assert model == "recall-shapes-tiny-production-classifier" == first["registry"]["model"]
+    assert client.get_model_version_by_alias(model, "champion").version == first["registry"]["version"]
+    rejected = client.get_model_version_by_alias(model, "task-2")
     assert rejected.version == decision["version"] and rejected.tags["gate"] == "rejected"
     assert "task 1: accuracy" in rejected.tags["gate_reasons"]
     run = client.get_run(rejected.run_id)
@@ -81,15 +93,20 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     from pipeline.split import load_split
     from pipeline.tracking import tracking_uri, using_tracking_uri
 
+    from pipeline import config
+
     cfg = _cfg("clap", "method.head.mc_test=5")
     steps.run_init_prompts(cfg)
     _task(cfg, 1)
+    # The CLI finds the model from the current params, as after `dvc repro`.
+    config.write_params("params.yaml", config.compose(_overrides("clap", "method.head.mc_test=5")))
+    name = _model(cfg)
     import warnings
 
     with using_tracking_uri(tracking_uri(cfg)), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@task-1")
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@task-1"))
+        model = mlflow.pyfunc.load_model(f"models:/{name}@task-1")
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@task-1"))
     # Loading (so every `recall classify`) prints no "add type hints to predict" warning.
     assert not [w for w in caught if "type hint" in str(w.message)], [str(w.message) for w in caught]
     assert model.metadata.signature is not None
@@ -164,7 +181,7 @@ def test_mlflow_models_serve_answers_over_http(world):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{_model(cfg)}@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )

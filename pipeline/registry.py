@@ -1,0 +1,195 @@
+"""Registered models: one per lineage, and versions found again by what went into them.
+
+A *lineage* is what determines a sequence of models: the dataset (its content fingerprint
+and non-location settings), the class order and task split, the backbone weights, the
+method, the generators, the embedding precision and the seed. Tracking settings and paths
+do not enter. Every pipeline run of one lineage registers into the same models,
+``<experiment>-<method>-s<seed>-<hash>-<kind>``, so runs of other lineages (another method,
+seed or class order, a DVC experiment with other params) never touch its aliases.
+``tracking.lineage`` replaces the derived middle part with a stable name for a production
+loop, whose runs then share one model and meet the gate.
+
+Each version carries ``recall.input_digest``: a sha256 over the content of what determined
+it. A registration whose digest is already there reuses that version instead of adding one,
+so re-running an identical experiment, or retrying a step, registers nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+LINEAGE_TAG = "recall.lineage"
+INPUT_DIGEST_TAG = "recall.input_digest"
+# Settings that say where a dataset lives or how to fetch it, not what it holds; its
+# content enters through the prepared manifest's fingerprint instead.
+DATASET_LOCATION_KEYS = ("root", "manifest", "names_file", "download")
+# Metadata written into output files that varies between identical reruns (timings).
+VOLATILE_METADATA = frozenset({"seconds"})
+SHORT_HASH = 8
+
+
+class RegistryError(ValueError):
+    """The registry cannot be used as asked; names the file or setting at fault."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    key: str
+    label: str
+    description: dict[str, Any] = field(hash=False, compare=False)
+
+    def model_name(self, experiment: str, kind: str) -> str:
+        return f"{experiment}-{self.label}-{kind}"
+
+    def tags(self) -> dict[str, str]:
+        """What the registered model records about the lineage it holds."""
+        d = self.description
+        return {
+            LINEAGE_TAG: self.key,
+            f"{LINEAGE_TAG}.label": self.label,
+            f"{LINEAGE_TAG}.method": d["method"]["name"],
+            f"{LINEAGE_TAG}.seed": str(d["seed"]),
+            f"{LINEAGE_TAG}.dataset": d["dataset"]["name"],
+            f"{LINEAGE_TAG}.dataset_fingerprint": d["dataset_fingerprint"],
+            f"{LINEAGE_TAG}.n_tasks": str(d["n_tasks"]),
+            f"{LINEAGE_TAG}.class_order": ", ".join(d["class_order"]),
+            f"{LINEAGE_TAG}.backbone_sha256": d["backbone"]["sha256"],
+            f"{LINEAGE_TAG}.generator": d["generator"]["name"],
+            f"{LINEAGE_TAG}.description": json.dumps(d, sort_keys=True),
+        }
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise RegistryError(
+            f"{path}: missing, and the registered model's name depends on the {what} "
+            "(run the pipeline up to that step, or pass the model name explicitly)"
+        )
+    return json.loads(path.read_text())
+
+
+def lineage_of(cfg: Config) -> Lineage:
+    """The lineage of ``cfg``'s pipeline run, from its config and the prepared dataset,
+    task split and backbone it produced."""
+    from pipeline.backbone import INFO_FILE
+    from pipeline.data.manifest import CLASSES_FILE
+
+    prepared = _read_json(Path(cfg.paths.prepared) / CLASSES_FILE, "prepared dataset")
+    split = _read_json(Path(cfg.paths.split), "task split")
+    backbone = _read_json(Path(cfg.paths.backbone) / INFO_FILE, "backbone weights")
+    dataset = {k: v for k, v in cfg.dataset.model_dump(mode="json").items() if k not in DATASET_LOCATION_KEYS}
+    description = {
+        "dataset": dataset,
+        "dataset_fingerprint": prepared["fingerprint"],
+        "class_order": [prepared["classes"][c] for c in split["class_order"]],
+        "n_tasks": split["n_tasks"],
+        "backbone": {"arch": cfg.backbone.arch, "sha256": backbone["sha256"]},
+        "embed": {"precision": cfg.embed.precision, "on_bad_image": cfg.embed.on_bad_image},
+        "method": cfg.method.model_dump(mode="json"),
+        "generator": cfg.generator.model_dump(mode="json"),
+        "seed": cfg.seed,
+    }
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    label = cfg.tracking.lineage or f"{cfg.method.name}-s{cfg.seed}-{key[:SHORT_HASH]}"
+    return Lineage(key, label, description)
+
+
+def model_name(cfg: Config, kind: str) -> str:
+    """The registered model of ``kind`` for ``cfg``'s lineage. A named lineage
+    (``tracking.lineage``) needs no pipeline outputs to resolve."""
+    from pipeline.tracking import experiment_name
+
+    if cfg.tracking.lineage:
+        return f"{experiment_name(cfg)}-{cfg.tracking.lineage}-{kind}"
+    return lineage_of(cfg).model_name(experiment_name(cfg), kind)
+
+
+# --------------------------------------------------------------------------- content digests
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> str:
+    """sha256 over named tensors (dtype, shape and bytes) and optional metadata."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
+    if metadata:
+        digest.update(json.dumps(dict(metadata), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def safetensors_digest(path: str | Path) -> str:
+    """The content of a safetensors file, without the timings a rerun changes (its md5
+    would differ between two runs that produced the same tensors)."""
+    from pipeline.io import read_tensor_metadata, read_tensors
+
+    path = Path(path)
+    if not path.exists():
+        raise RegistryError(f"{path}: missing; cannot digest the inputs of the model to register")
+    metadata = {k: v for k, v in read_tensor_metadata(path).items() if k not in VOLATILE_METADATA}
+    return tensors_digest(read_tensors(path), metadata)
+
+
+def input_digest(lineage: Lineage, kind: str, task: int, inputs: Mapping[str, Any]) -> str:
+    """What a version is identified by: its lineage, kind, task and the digests (or other
+    plain values) of every input that determined it."""
+    blob = json.dumps({"lineage": lineage.key, "kind": kind, "task": task, "inputs": dict(inputs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def task_test_digests(test: Mapping[str, torch.Tensor], tasks: list[list[int]], class_names: list[str]) -> dict[str, str]:
+    """Per task: a digest of its classes (by name) and of their test images' embeddings.
+    Two versions' accuracies on a task compare only when these are equal."""
+    digests = {}
+    for number, classes in enumerate(tasks, start=1):
+        keep = torch.isin(test["labels"], torch.tensor(classes, dtype=test["labels"].dtype))
+        order = torch.argsort(test["sample_ids"][keep])
+        digests[str(number)] = tensors_digest(
+            {"embeddings": test["embeddings"][keep][order], "sample_ids": test["sample_ids"][keep][order]},
+            {"classes": sorted(class_names[c] for c in classes)},
+        )[:16]
+    return digests
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def ensure_registered_model(client, name: str, lineage: Lineage, description: str | None = None) -> None:
+    """Create the model with its lineage tags, or bring the tags up to date (a named
+    lineage records the latest run's lineage; each version keeps its own)."""
+    from mlflow.exceptions import MlflowException
+
+    tags = lineage.tags()
+    try:
+        client.create_registered_model(name, tags=tags, description=description)
+        return
+    except MlflowException:
+        pass  # already registered
+    current = client.get_registered_model(name).tags
+    for key, value in tags.items():
+        if current.get(key) != value:
+            client.set_registered_model_tag(name, key, value)
+
+
+def find_version(client, name: str, digest: str):
+    """The earliest version of ``name`` registered from the inputs ``digest``, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{INPUT_DIGEST_TAG}` = '{digest}'")
+    return min(found, key=lambda v: int(v.version)) if found else None

@@ -1,0 +1,175 @@
+"""The registry in production use: one model per lineage, no duplicate versions, and a gate
+that compares like with like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import steps
+from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
+from pipeline.registry import INPUT_DIGEST_TAG, RegistryError, model_name
+from pipeline.serving import gate_decision
+from pipeline.split import load_split
+from pipeline.tracking import tracking_uri
+
+KINDS = ("classifier", "vae-bank", "prompts")
+EVERY_VERSION_PASSES_ON_ACCURACY = ["tracking.gate.max_task_drop=1.0", "tracking.gate.max_average_drop=1.0"]
+
+
+def _cfg(method: str, *extra: str):
+    from conftest import TINY
+    from pipeline import config
+
+    return config.load(None, TINY + [f"method={method}", "tracking.register_classifier=true", *extra])
+
+
+def _client(cfg) -> MlflowClient:
+    return MlflowClient(tracking_uri(cfg))
+
+
+def _run(cfg, tasks: range) -> dict[int, dict]:
+    steps.run_init_prompts(cfg)
+    return {task: _task(cfg, task) for task in tasks}
+
+
+def _task(cfg, task: int) -> dict:
+    steps.run_fit_generators(cfg, task)
+    steps.run_replay(cfg, task)
+    steps.run_finetune(cfg, task)
+    return steps.run_evaluate(cfg, task)["registry"]
+
+
+def _aliases(client, name: str) -> dict[str, str]:
+    return dict(client.get_registered_model(name).aliases)
+
+
+def _versions(client, name: str) -> list[str]:
+    return sorted(v.version for v in client.search_model_versions(f"name = '{name}'"))
+
+
+# --------------------------------------------------------------------------- the gate, by hand
+
+
+def test_the_gate_rejects_a_version_that_knows_fewer_classes():
+    champion_classes = [f"class {i}" for i in range(30)]
+    passed, reasons = gate_decision({"1": 1.0}, {str(t): 0.2 for t in range(1, 6)}, 0.1, 0.05,
+                                    candidate_classes=champion_classes[:6], champion_classes=champion_classes)
+    assert not passed
+    assert reasons == ["knows 6 classes, the champion knows 30: a version must cover every class the champion knows"]
+    # As many classes, but not the champion's.
+    passed, reasons = gate_decision({"1": 1.0}, {"1": 0.2}, 0.1, 0.05,
+                                    candidate_classes=["a", "b", "x"], champion_classes=["a", "b", "c"])
+    assert not passed and reasons[0].startswith("does not know 1 class(es) the champion knows (c)")
+    # More classes than the champion, all of its among them: the accuracy rules decide.
+    passed, reasons = gate_decision({"1": 0.9, "2": 0.8}, {"1": 0.9}, 0.1, 0.05,
+                                    candidate_classes=["a", "b", "c", "d"], champion_classes=["b", "a"])
+    assert passed, reasons
+
+
+def test_the_gate_compares_accuracies_only_on_the_same_test_images():
+    same = {"1": "aaaa", "2": "bbbb"}
+    passed, _ = gate_decision({"1": 0.9, "2": 0.9, "3": 0.9}, {"1": 0.9, "2": 0.9}, 0.1, 0.05,
+                              candidate_tests={**same, "3": "cccc"}, champion_tests=same)
+    assert passed
+    passed, reasons = gate_decision({"1": 0.99, "2": 0.99}, {"1": 0.5, "2": 0.5}, 0.1, 0.05,
+                                    candidate_tests={"1": "aaaa", "2": "other"}, champion_tests=same)
+    assert not passed and len(reasons) == 1
+    assert reasons[0].startswith("task(s) 2: measured on other classes or test images than the champion's")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_a_named_lineage_gives_a_stable_name_without_pipeline_outputs(tiny_cfg):
+    production = tiny_cfg.model_copy(update={"tracking": tiny_cfg.tracking.model_copy(update={"lineage": "production"})})
+    assert model_name(production, "classifier") == "recall-shapes-tiny-production-classifier"
+    with pytest.raises(RegistryError, match=r"classes.json: missing.*prepared dataset"):
+        model_name(tiny_cfg, "classifier")
+
+
+def test_a_lineage_name_must_be_a_plain_name(project):
+    from conftest import TINY
+    from pipeline import config
+
+    with pytest.raises(config.ConfigError, match="tracking.lineage"):
+        config.load(None, TINY + ["tracking.lineage='my model/1'"])
+
+
+# --------------------------------------------------------------------------- through the registry
+
+
+def test_another_lineage_moves_no_alias_of_the_first(world):
+    good = _cfg("cgil")
+    first = _run(good, range(1, 3))
+    client = _client(good)
+    names = {kind: model_name(good, kind) for kind in KINDS}
+    assert names["classifier"].startswith("recall-shapes-tiny-cgil-s0-") and first[1]["model"] == names["classifier"]
+    before = {kind: (_aliases(client, name), _versions(client, name)) for kind, name in names.items()}
+    assert {"task-1", "task-2", "champion"} <= set(before["classifier"][0])
+    lineage_tags = client.get_registered_model(names["classifier"]).tags
+    assert lineage_tags["recall.lineage.method"] == "cgil" and lineage_tags["recall.lineage.seed"] == "0"
+    split = load_split(good.paths.split)
+    assert len(lineage_tags["recall.lineage.class_order"].split(", ")) == len(split["class_order"])
+
+    worse = _cfg("sequential")
+    second = _run(worse, range(1, 3))
+    assert all(decision["model"] == model_name(worse, "classifier") != names["classifier"] for decision in second.values())
+    # The first lineage's models are as they were: no alias moved, no version added.
+    assert {kind: (_aliases(client, name), _versions(client, name)) for kind, name in names.items()} == before
+    assert {"task-1", "task-2", "champion"} <= set(_aliases(client, model_name(worse, "classifier")))
+
+
+def test_rerunning_the_same_experiment_adds_no_version(world):
+    cfg = _cfg("cgil")
+    first = _run(cfg, range(1, 3))
+    client = _client(cfg)
+    names = [model_name(cfg, kind) for kind in KINDS]
+    before = {name: (_aliases(client, name), _versions(client, name)) for name in names}
+    assert len(before[names[0]][1]) == 2
+
+    # DVC re-runs evaluate (its outputs are not cached); a retried task re-runs every step.
+    again = {task: steps.run_evaluate(cfg, task)["registry"] for task in (1, 2)}
+    again[2] = _task(cfg, 2)
+    for task, decision in again.items():
+        assert decision["reused"] and not decision["promoted"], decision
+        assert decision["version"] == first[task]["version"]
+        assert decision["reasons"][0].startswith(f"inputs identical to version {first[task]['version']}")
+    assert {name: (_aliases(client, name), _versions(client, name)) for name in names} == before
+    version = client.get_model_version(names[0], first[2]["version"])
+    assert len(version.tags[INPUT_DIGEST_TAG]) == 64 and version.tags["class_count"] == "6"
+
+
+def test_a_version_covering_fewer_classes_than_the_champion_is_rejected(world):
+    production = ["tracking.lineage=production", *EVERY_VERSION_PASSES_ON_ACCURACY]
+    first = _run(_cfg("cgil", *production), range(1, 3))
+    assert first[2]["promoted"], first[2]
+    # Task 1 again with other settings in the same named lineage: a new version of 3 classes.
+    other = _cfg("cgil", *production, "method.prompt.lr=0.002")
+    decision = steps.run_evaluate(other, 1)["registry"]
+    assert not decision["reused"] and not decision["promoted"]
+    assert decision["reasons"] == [
+        "knows 3 classes, the champion knows 6: a version must cover every class the champion knows"
+    ]
+    client = _client(other)
+    name = model_name(other, "classifier")
+    assert client.get_model_version_by_alias(name, "champion").version == first[2]["version"]
+    rejected = client.get_model_version(name, decision["version"])
+    assert rejected.tags["gate"] == "rejected" and "knows 3 classes" in rejected.tags["gate_reasons"]
+    assert rejected.tags["class_count"] == "3"
+
+
+def test_a_version_measured_on_other_test_images_is_not_compared(world):
+    cfg = _cfg("cgil", *EVERY_VERSION_PASSES_ON_ACCURACY)
+    first = _run(cfg, range(1, 2))
+    # The test set changes under the lineage (here: its embeddings, slightly).
+    for part in sorted((Path(cfg.paths.embeddings) / "test").glob("*.safetensors")):
+        tensors = read_tensors(part)
+        write_tensors(part, {**tensors, "embeddings": tensors["embeddings"] * 1.001}, read_tensor_metadata(part))
+    second = _task(cfg, 2)
+    assert second["model"] == first[1]["model"] and not second["promoted"]
+    assert second["reasons"][0].startswith("task(s) 1: measured on other classes or test images than the champion's")
+    client = _client(cfg)
+    assert client.get_model_version_by_alias(second["model"], "champion").version == first[1]["version"]
