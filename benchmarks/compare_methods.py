@@ -5,7 +5,7 @@ writes its own prompts and evaluations under --out. Prints a markdown table of
 mean +- std over seeds.
 
     python -m benchmarks.compare_methods --seeds 0 1 2 --methods zeroshot sequential cgil clap joint
-    python -m benchmarks.compare_methods --methods clap --label sgd method.head.optimizer=sgd
+    python -m benchmarks.compare_methods --methods clap --label sgd -- method.head.optimizer=sgd
 
 Every method runs the same prompt schedule (the `schedule` group: the demo's under the
 default `experiment=demo`), so the table compares them at equal budgets. ``--label`` names a
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
+    swallowed = [m for m in args.methods if "=" in m]
+    if swallowed:
+        parser.error(f"--methods took the override(s) {swallowed}: put overrides after `--` or before --methods")
     names = {m: f"{m}-{args.label}" if args.label else m for m in args.methods}
     results: dict[str, list[dict]] = {names[m]: [] for m in args.methods}
     for seed in args.seeds:
