@@ -58,12 +58,11 @@ class RemoteSpec:
 
 
 def redact(url: str) -> str:
-    """``url`` with any user:password part hidden, so an error never repeats a secret."""
+    """``url`` without its user:password part and query (where a presigned URL keeps its
+    credentials), so an error never repeats a secret."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"***@{host}", query="").geturl()
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
 
 
 def _refuse_embedded_credentials(url: str, what: str) -> None:

@@ -122,7 +122,7 @@ def test_remote_refuses_credentials_without_repeating_them(dvc_project, args):
     result = _recall("remote", *args, "--no-check")
     assert result.exit_code == 2
     assert "carries credentials" in result.output and "AWS environment" in result.output, result.output
-    assert "topsecret" not in result.output
+    assert "topsecret" not in result.output and "AKIAEMBEDDED" not in result.output
     assert _config_text(dvc_project) == before
 
 
