@@ -36,6 +36,7 @@ def _run(fn):
     from pipeline.generators import GeneratorError
     from pipeline.prompts import PromptError
     from pipeline.registry import RegistryError
+    from pipeline.remote import RemoteError
     from pipeline.serving import ServingError
     from pipeline.split import SplitError
     from pipeline.steps import TaskInputError
@@ -44,7 +45,7 @@ def _run(fn):
         return fn()
     except (
         ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
-        TaskInputError, ServingError, RegistryError, FileNotFoundError,
+        TaskInputError, ServingError, RegistryError, RemoteError, FileNotFoundError,
     ) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -281,6 +282,46 @@ def stream_demo(
 
     written = _run(run)
     typer.echo(f"wrote {', '.join(written)} into {folder}" if written else f"{folder}: every batch is already there")
+
+
+@app.command()
+def remote(
+    url: str = typer.Argument(..., help="Where DVC keeps shared state: s3://bucket/prefix, or a local folder."),
+    endpoint_url: Optional[str] = typer.Option(
+        None, "--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...): http(s)://host[:port]."
+    ),
+    name: str = typer.Option("storage", "--name", "-n", help="Name of the DVC remote."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="First check the bucket answers with this machine's AWS environment."
+    ),
+) -> None:
+    """Make URL the project's default DVC remote, shared by every machine that runs stages.
+
+    Only the location goes into .dvc/config (commit it); credentials and region come from
+    the standard AWS environment of each machine and are never written to the repo."""
+    from pipeline import remote as remotes
+
+    def configure():
+        spec = remotes.validate(url, endpoint_url, name)
+        project = remotes.find_project()
+        remotes.configure(spec, project, check=check)
+        return spec, project
+
+    spec, project = _run(configure)
+    endpoint = f", endpoint {spec.endpoint_url}" if spec.endpoint_url else ""
+    typer.echo(f"default DVC remote '{spec.name}': {spec.url}{endpoint} (written to {project / '.dvc' / 'config'})")
+    if spec.is_s3:
+        typer.echo(
+            "credentials and region: from each machine's AWS environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION or AWS_PROFILE), never from the repo"
+        )
+    typer.echo("share state between machines (commit .dvc/config first):")
+    typer.echo(f"  {remotes.PUSH_COMMAND}   # after dvc repro: cached outputs and the run cache")
+    typer.echo(f"  {remotes.PULL_COMMAND}   # on a fresh clone, before dvc repro")
+    typer.echo(
+        "  git add -A && git commit   # dvc.lock and the `cache: false` outputs "
+        "(metrics, evaluations, plots, the split), which the remote does not hold"
+    )
 
 
 @app.command("compose-params")
