@@ -130,9 +130,17 @@ def fit_generators(task: int = TaskOption, params: Path = ParamsOption, override
     typer.echo(_run(lambda: steps.run_fit_generators(_config(params, overrides), task)))
 
 
+@app.command("replay-init")
+def replay_init(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Write the empty replay pool (task 0) every task's pool grows from."""
+    from pipeline import steps
+
+    typer.echo(_run(lambda: steps.run_init_replay(_config(params, overrides))))
+
+
 @app.command()
 def replay(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Draw the synthetic replay pool of every class seen up to a task."""
+    """The replay pool of a task: the previous task's plus samples of this task's generators."""
     from pipeline import steps
 
     typer.echo(_run(lambda: steps.run_replay(_config(params, overrides), task)))

@@ -192,28 +192,51 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
     return figures
 
 
+def run_init_replay(cfg: Config) -> dict[str, Any]:
+    """Task 0: the empty replay pool every task's pool grows from."""
+    from pipeline.io import write_tensors
+
+    with Tracker(cfg).step("replay-init"):
+        write_tensors(
+            task_file(cfg.paths.replay, 0),
+            {"embeddings": torch.zeros(0, 0), "labels": torch.zeros(0, dtype=torch.long)},
+            metadata={"task": "0", "seen": "[]", "seconds": "0"},
+        )
+    return {"samples": 0}
+
+
 def run_replay(cfg: Config, task: int) -> dict[str, Any]:
-    """Draw the seeded replay pool of every class seen up to task ``task``."""
+    """Task ``task``'s replay pool: task ``task - 1``'s pool plus seeded samples of this
+    task's generators. Earlier generators are not read again, so adding a task never
+    changes (nor re-runs) an earlier task's pool."""
     import time
 
     from pipeline import generators
-    from pipeline.io import write_tensors
+    from pipeline.io import read_tensors, write_tensors
 
     with Tracker(cfg).step("replay", task=task, params={"samples_per_class": cfg.generator.samples_per_class}) as run:
         split = load_split(cfg.paths.split)
         seen = seen_classes(split, task)
         start = time.perf_counter()
-        xs, ys = [], []
-        for t in range(1, task + 1):
-            bank = generators.load_bank(task_file(cfg.paths.generators, t))
-            run.record_inputs(**{f"generators_task_{t:02d}": task_file(cfg.paths.generators, t)})
-            missing = sorted(set(task_classes(split, t)) - set(bank.class_ids))
-            if missing:
-                raise TaskInputError(f"task {t}: generator bank has no generator for class(es) {missing}")
-            x, y = bank.sample(cfg.generator.samples_per_class, seed=cfg.seed * 1000 + task)
-            xs.append(x)
-            ys.append(y)
-        embeddings, labels = torch.cat(xs), torch.cat(ys)
+        previous_path = task_file(cfg.paths.replay, task - 1)
+        if not previous_path.exists():
+            raise TaskInputError(f"task {task}: no replay pool of task {task - 1} at {previous_path} (run its replay step)")
+        previous = read_tensors(previous_path)
+        expected = sorted(seen_classes(split, task - 1)) if task > 1 else []
+        if sorted(previous["labels"].unique().tolist()) != expected:
+            raise TaskInputError(
+                f"task {task}: the replay pool {previous_path} holds classes {sorted(previous['labels'].unique().tolist())}, "
+                f"not those of tasks 1..{task - 1} {expected}; re-run the earlier tasks' replay"
+            )
+        bank_path = task_file(cfg.paths.generators, task)
+        bank = generators.load_bank(bank_path)
+        run.record_inputs(previous_pool=previous_path, **{f"generators_task_{task:02d}": bank_path})
+        missing = sorted(set(task_classes(split, task)) - set(bank.class_ids))
+        if missing:
+            raise TaskInputError(f"task {task}: generator bank {bank_path} has no generator for class(es) {missing}")
+        x, y = bank.sample(cfg.generator.samples_per_class, seed=cfg.seed * 1000 + task)
+        embeddings = torch.cat([previous["embeddings"], x]) if len(previous["labels"]) else x
+        labels = torch.cat([previous["labels"], y])
         seconds = time.perf_counter() - start
         write_tensors(
             task_file(cfg.paths.replay, task),

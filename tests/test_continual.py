@@ -19,6 +19,7 @@ from pipeline.steps import TaskInputError, task_file
 
 def _run_tasks(cfg, upto: int) -> None:
     steps.run_init_prompts(cfg)
+    steps.run_init_replay(cfg)
     for task in range(1, upto + 1):
         steps.run_fit_generators(cfg, task)
         steps.run_replay(cfg, task)
@@ -70,6 +71,7 @@ def test_a_whole_run_produces_consistent_outputs(world):
 
 def test_replay_pool_is_reproducible_from_the_seed(world):
     steps.run_fit_generators(world, 1)
+    steps.run_init_replay(world)
     steps.run_replay(world, 1)
     first = read_tensors(task_file(world.paths.replay, 1))
     steps.run_replay(world, 1)
@@ -178,8 +180,27 @@ def test_nan_in_an_embedding_file_is_named(world):
         steps.run_fit_generators(world, 1)
 
 
+def test_replay_pools_grow_by_the_new_task_only(world):
+    steps.run_init_replay(world)
+    for task in (1, 2):
+        steps.run_fit_generators(world, task)
+        steps.run_replay(world, task)
+    first = read_tensors(task_file(world.paths.replay, 1))
+    second = read_tensors(task_file(world.paths.replay, 2))
+    n = len(first["labels"])
+    # Task 2's pool is task 1's, untouched, plus samples of task 2's classes only.
+    assert torch.equal(second["embeddings"][:n], first["embeddings"]) and torch.equal(second["labels"][:n], first["labels"])
+    assert sorted(second["labels"][n:].unique().tolist()) == sorted(task_classes(load_split(world.paths.split), 2))
+    # It grows from task 1's pool as it is: one that lost a class is refused, by name.
+    keep = first["labels"] != first["labels"][0]
+    write_tensors(task_file(world.paths.replay, 1), {k: v[keep] for k, v in first.items()})
+    with pytest.raises(TaskInputError, match=r"task 2: the replay pool .*task-01\.safetensors holds classes"):
+        steps.run_replay(world, 2)
+
+
 def test_a_replay_pool_missing_a_seen_class_is_named(world):
     steps.run_init_prompts(world)
+    steps.run_init_replay(world)
     steps.run_fit_generators(world, 1)
     steps.run_replay(world, 1)
     victim = task_classes(load_split(world.paths.split), 1)[0]
@@ -199,9 +220,10 @@ def test_a_task_outside_the_split_is_named(world):
 
 def test_finetune_needs_the_previous_task(world):
     steps.run_init_prompts(world)
-    steps.run_fit_generators(world, 1)
-    steps.run_fit_generators(world, 2)
-    steps.run_replay(world, 2)
+    steps.run_init_replay(world)
+    for task in (1, 2):
+        steps.run_fit_generators(world, task)
+        steps.run_replay(world, task)
     with pytest.raises(Exception, match=r"task-01\.safetensors"):
         steps.run_finetune(world, 2)
 
@@ -235,6 +257,7 @@ def test_clap_finetune_reads_only_the_replay_pool_and_the_previous_state(world):
     import shutil
 
     cfg = _clap(world)
+    steps.run_init_replay(cfg)
     for task in (1, 2):
         steps.run_fit_generators(cfg, task)
         steps.run_replay(cfg, task)

@@ -36,7 +36,7 @@ TINY_CONFIG = {
 }
 PER_TASK = ("generators", "replay", "finetune", "evaluate")
 TASKS = (1, 2)
-ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text", "prompts-init", "report"} | {
+ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text", "prompts-init", "replay-init", "report"} | {
     f"{step}@{task:02d}" for step in PER_TASK for task in TASKS
 }
 
@@ -45,6 +45,9 @@ def _env(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RECALL_CONF_DIR", None)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env['PATH']}"
+    # `recall` (a console script) would import the editable install's `pipeline`; the stages
+    # must run the copy under test.
+    env["PYTHONPATH"] = str(root)
     env.update(
         GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
         GIT_COMMITTER_EMAIL="t@example.com",

@@ -32,11 +32,14 @@ def _client(cfg) -> MlflowClient:
 
 def _run(cfg, tasks: range) -> dict[int, dict]:
     steps.run_init_prompts(cfg)
+    steps.run_init_replay(cfg)
     return {task: _task(cfg, task) for task in tasks}
 
 
 def _task(cfg, task: int) -> dict:
     steps.run_fit_generators(cfg, task)
+    if task == 1:
+        steps.run_init_replay(cfg)
     steps.run_replay(cfg, task)
     steps.run_finetune(cfg, task)
     return steps.run_evaluate(cfg, task)["registry"]

@@ -53,6 +53,8 @@ def _client(cfg):
 
 def _task(cfg, task: int) -> dict:
     steps.run_fit_generators(cfg, task)
+    if task == 1:
+        steps.run_init_replay(cfg)
     steps.run_replay(cfg, task)
     steps.run_finetune(cfg, task)
     return steps.run_evaluate(cfg, task)
