@@ -134,14 +134,49 @@ def embed_split(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every image of ``split``; reuse ``out`` when it already matches."""
+    samples = prepared.samples(split)
+    return embed_images(
+        ImageDataset(prepared, samples, backbone.preprocess),
+        labels=[s.label for s in samples],
+        sample_id=lambda i: samples[i].sample_id,
+        backbone=backbone,
+        out=out,
+        key={"split": split, "dataset_fingerprint": prepared.fingerprint},
+        n_classes=len(prepared.classes),
+        batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size,
+        on_bad_image=on_bad_image, precision=precision, progress=progress,
+    )
+
+
+def embed_images(
+    dataset: Dataset,
+    *,
+    labels: list[int],
+    sample_id,
+    backbone: Backbone,
+    out: str | Path,
+    key: dict[str, Any],
+    n_classes: int,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    chunk_size: int = 8192,
+    on_bad_image: str = "error",
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed the images of ``dataset`` (items as ``ImageDataset``'s) into bounded parts under
+    ``out``, or reuse ``out`` when its index matches ``key`` (what the images are: a split
+    and dataset fingerprint, a task manifest's digest), the backbone, chunking, bad-image
+    policy and precision. ``labels[i]`` is item ``i``'s label; ``sample_id(i)`` names it in
+    errors and in the index's list of skipped images. Parts hold item indices as
+    ``sample_ids``."""
     out = Path(out)
     model = backbone.model
     device = next(model.parameters()).device
     # bf16 and fp32 embeddings differ: a cache made at one precision never serves the other.
     wanted = {
-        "split": split,
+        **key,
         "backbone_sha256": backbone.sha256,
-        "dataset_fingerprint": prepared.fingerprint,
         "chunk_size": chunk_size,
         "on_bad_image": on_bad_image,
         "precision": effective_precision(device, precision),
@@ -152,22 +187,19 @@ def embed_split(
             log.info("%s: embeddings already match the backbone and data; reusing", out)
             return {**existing, "reused": True}
 
-    samples = prepared.samples(split)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(
-        ImageDataset(prepared, samples, backbone.preprocess),
+        dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    metadata = {
-        "backbone_sha256": backbone.sha256,
-        "dataset_fingerprint": prepared.fingerprint,
-        "split": split,
-    }
+    metadata = {k: str(v) for k, v in key.items()}
+    metadata["backbone_sha256"] = backbone.sha256
+    where = f"task {key['task']} {key['split']}" if "task" in key else str(key["split"])
     skipped: list[str] = []
     parts: list[dict[str, Any]] = []
     buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -187,11 +219,11 @@ def embed_split(
             cut = len(ids) if final else (len(ids) // chunk_size) * chunk_size
             for start in range(0, cut, chunk_size):
                 part_ids = ids[start : start + chunk_size]
-                labels = torch.tensor([samples[i].label for i in part_ids.tolist()], dtype=torch.long)
+                part_labels = torch.tensor([labels[i] for i in part_ids.tolist()], dtype=torch.long)
                 name = f"part-{len(parts):05d}.safetensors"
                 write_tensors(
                     tmp / name,
-                    {"embeddings": embeddings[start : start + chunk_size], "labels": labels, "sample_ids": part_ids},
+                    {"embeddings": embeddings[start : start + chunk_size], "labels": part_labels, "sample_ids": part_ids},
                     metadata={**metadata, "part": str(len(parts))},
                 )
                 parts.append({"file": name, "n": int(part_ids.numel())})
@@ -199,10 +231,8 @@ def embed_split(
             buffered = len(ids) - cut
 
         with torch.inference_mode():
-            batches = tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress)
-            for images, indices in screen_bad_images(
-                batches, on_bad_image, f"in {split}", lambda i: samples[i].sample_id, skipped
-            ):
+            batches = tqdm(loader, desc=f"embed {where}", unit="batch", disable=not progress)
+            for images, indices in screen_bad_images(batches, on_bad_image, f"in {where}", sample_id, skipped):
                 images = images.to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -220,12 +250,12 @@ def embed_split(
         elapsed = time.perf_counter() - start
         n = sum(p["n"] for p in parts)
         if n == 0:
-            raise DataError(f"{split}: no readable images ({len(skipped)} skipped)")
+            raise DataError(f"{where}: no readable images ({len(skipped)} skipped)")
         index = {
             **wanted,
             "dim": backbone.embed_dim,
             "n_samples": n,
-            "n_classes": len(prepared.classes),
+            "n_classes": n_classes,
             "parts": parts,
             "skipped": skipped,
             "seconds": round(elapsed, 3),

@@ -124,11 +124,9 @@ def wait_for_http(url: str, process, what: str, timeout: float = 180) -> None:
 
 
 def free_port() -> int:
-    import socket
+    from pipeline.devstack import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ and two checkouts that share nothing but the git repo, an S3 remote and an MLflo
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, free_port, venv_bin, wait_for_http
+from conftest import REPO, free_port
+from pipeline import devstack
 from test_pipeline_dvc import _env, _ran, repo  # noqa: F401  (repo: the tiny 2-task project fixture)
 
 # Sentinels standing in for real credentials: none of them may ever reach .dvc/config.
@@ -176,25 +175,11 @@ def s3_endpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    port = free_port()
-    server = subprocess.Popen(
-        [str(venv_bin() / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{endpoint}/moto-api/", server, "moto server", timeout=60)
+    with devstack.moto_server(tmp_path) as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

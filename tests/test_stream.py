@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from conftest import free_port, venv_bin
-from pipeline import stream
+from pipeline import devstack, stream
 from pipeline.config import ConfigError
 from pipeline.data import DataError
 from pipeline.embed import BadImage, collate_images, screen_bad_images
@@ -34,37 +28,9 @@ ACCESS_KEY = "AKIASTREAMTESTKEY042"
 SECRET_KEY = "stream-test-secret-never-shown"
 
 
-@contextlib.contextmanager
 def moto_server(log_dir: Path, **env_overrides: str):
-    """A real S3 API: moto's server on a free loopback port, stopped by PID at the end."""
-    port = free_port()
-    # moto logs every request: into a file, since an unread pipe would fill and stall it.
-    log_path = log_dir / f"moto_server-{port}.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **env_overrides}
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(
-            [str(venv_bin() / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log_path.read_text()[-2000:]}") from None
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    """moto's server with this module's dummy credentials (and any other environment)."""
+    return devstack.moto_server(log_dir, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **env_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +206,40 @@ def test_corrupt_image_follows_on_bad_image_and_a_changed_object_is_refused(s3, 
         images[[images.sample_id(i) for i in range(3)].index("b1/train/cat/1.png")]
 
 
+def test_a_task_embeds_straight_from_s3_as_from_a_folder(s3, tmp_path, tiny_world):
+    from pipeline import backbone as backbone_lib
+    from pipeline import embed as embed_lib
+
+    client, bucket, endpoint = s3
+    files = batch_files("b1", {"red_circle": 5, "blue_star": 4}, seed=7)
+    files["b1/blue_star/broken.png"] = b"not an image"
+    put_s3(client, bucket, "src/", files)
+    put_folder(tmp_path / "folder", files)
+    backbone = backbone_lib.load_backbone(tiny_world / "models/backbone")
+    embedded = {}
+    for name, uri in (("s3", f"s3://{bucket}/src"), ("folder", str(tmp_path / "folder"))):
+        source = stream.open_source(uri, endpoint if name == "s3" else None)
+        run_ingest(source, tmp_path / name)
+        manifest = stream.load_task_manifest(tmp_path / name / "tasks", 1)
+        out = tmp_path / name / "embeddings"
+        with pytest.raises(BadImage, match=r"b1/blue_star/broken\.png"):
+            stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4, progress=False)
+        assert not (out / "train").exists()  # nothing half-written
+        index = stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
+                                  on_bad_image="skip", progress=False)
+        assert index["skipped"] == ["b1/blue_star/broken.png"] and not index["reused"]
+        # The same task again is not embedded twice.
+        again = stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
+                                  on_bad_image="skip", progress=False)
+        assert again["reused"]
+        embedded[name] = embed_lib.load_embeddings(out / "train", backbone.sha256)
+    assert torch.equal(embedded["s3"]["embeddings"], embedded["folder"]["embeddings"])
+    assert torch.equal(embedded["s3"]["labels"], embedded["folder"]["labels"])
+    # Labels are positions in the task's class list; every train image but the broken one is there.
+    assert sorted(embedded["s3"]["labels"].unique().tolist()) == [0, 1]
+    assert len(embedded["s3"]["labels"]) == sum(1 for f in manifest["files"] if f["split"] == "train") - 1
+
+
 def test_ingest_twice_adds_nothing(s3, tmp_path):
     client, bucket, endpoint = s3
     put_s3(client, bucket, "", batch_files("b1", {"a": 3, "b": 3}) | batch_files("b2", {"a": 3}, seed=5))
@@ -271,7 +271,7 @@ def test_a_batch_of_more_than_1000_objects_is_listed_whole(s3, tmp_path):
 
 @pytest.mark.parametrize("failure", ["unreachable endpoint", "missing bucket"])
 def test_unusable_source_is_one_clear_error_in_bounded_time(project, moto_endpoint, failure):
-    endpoint = f"http://127.0.0.1:{free_port()}" if failure == "unreachable endpoint" else moto_endpoint
+    endpoint = f"http://127.0.0.1:{devstack.free_port()}" if failure == "unreachable endpoint" else moto_endpoint
     bucket = f"absent-{uuid.uuid4().hex[:8]}"
     ledger = project / "ledger.yaml"
     ledger.write_text(stream.ledger_text([]))
