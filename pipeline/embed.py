@@ -120,20 +120,9 @@ def autocast_for(device: torch.device, precision: str):
 # --------------------------------------------------------------------------- image embeddings
 
 
-def embed_split(
-    prepared: Prepared,
-    split: str,
-    backbone: Backbone,
-    out: str | Path,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    chunk_size: int = 8192,
-    on_bad_image: str = "error",
-    precision: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Embed every image of ``split``; reuse ``out`` when it already matches."""
+def embed_split(prepared: Prepared, split: str, backbone: Backbone, out: str | Path, **options) -> dict[str, Any]:
+    """Embed every image of ``split``; reuse ``out`` when it already matches. ``options``:
+    those of ``embed_images`` (batch size, workers, chunk size, on_bad_image, precision)."""
     samples = prepared.samples(split)
     return embed_images(
         ImageDataset(prepared, samples, backbone.preprocess),
@@ -143,8 +132,7 @@ def embed_split(
         out=out,
         key={"split": split, "dataset_fingerprint": prepared.fingerprint},
         n_classes=len(prepared.classes),
-        batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size,
-        on_bad_image=on_bad_image, precision=precision, progress=progress,
+        **options,
     )
 
 

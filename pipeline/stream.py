@@ -783,24 +783,12 @@ class StreamImages(Dataset):
         return tensor, index, error
 
 
-def embed_task(
-    source,
-    manifest: dict[str, Any],
-    split: str,
-    backbone,
-    out: str | Path,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    chunk_size: int = 8192,
-    on_bad_image: str = "error",
-    precision: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
+def embed_task(source, manifest: dict[str, Any], split: str, backbone, out: str | Path, **options) -> dict[str, Any]:
     """Embed one split of a task's images, streamed from the source (nothing is copied into
     the project), into ``out`` as the benchmark's embeddings are stored. Labels are the
     class's position in ``manifest["classes"]``; the index is keyed by the manifest's
-    digest, so the same task is never embedded twice with the same backbone."""
+    digest, so the same task is never embedded twice with the same backbone. ``options``:
+    those of ``embed.embed_images``."""
     from pipeline.embed import embed_images
 
     images = StreamImages(source, manifest, split, backbone.preprocess)
@@ -809,9 +797,7 @@ def embed_task(
     return embed_images(
         images, labels=images.labels, sample_id=images.sample_id, backbone=backbone, out=out,
         key={"task": manifest["task"], "split": split, "task_digest": manifest["digest"]},
-        n_classes=len(manifest["classes"]),
-        batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size,
-        on_bad_image=on_bad_image, precision=precision, progress=progress,
+        n_classes=len(manifest["classes"]), **options,
     )
 
 

@@ -123,6 +123,18 @@ def wait_for_http(url: str, process, what: str, timeout: float = 180) -> None:
         time.sleep(0.5)
 
 
+def run_task(cfg, task: int) -> dict:
+    """One task's steps in the order the DVC stages run them; returns the evaluation."""
+    from pipeline import steps
+
+    steps.run_fit_generators(cfg, task)
+    if task == 1:
+        steps.run_init_replay(cfg)
+    steps.run_replay(cfg, task)
+    steps.run_finetune(cfg, task)
+    return steps.run_evaluate(cfg, task)
+
+
 def free_port() -> int:
     from pipeline.devstack import free_port as pick
 

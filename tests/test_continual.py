@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_task
 from pipeline import backbone as backbone_lib
 from pipeline import embed as embed_lib
 from pipeline import steps
@@ -19,12 +20,8 @@ from pipeline.steps import TaskInputError, task_file
 
 def _run_tasks(cfg, upto: int) -> None:
     steps.run_init_prompts(cfg)
-    steps.run_init_replay(cfg)
     for task in range(1, upto + 1):
-        steps.run_fit_generators(cfg, task)
-        steps.run_replay(cfg, task)
-        steps.run_finetune(cfg, task)
-        steps.run_evaluate(cfg, task)
+        run_task(cfg, task)
 
 
 def test_a_whole_run_produces_consistent_outputs(world):

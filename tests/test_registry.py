@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import run_task
 from pipeline import steps
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
 from pipeline.registry import INPUT_DIGEST_TAG, RegistryError, model_name
@@ -37,12 +38,7 @@ def _run(cfg, tasks: range) -> dict[int, dict]:
 
 
 def _task(cfg, task: int) -> dict:
-    steps.run_fit_generators(cfg, task)
-    if task == 1:
-        steps.run_init_replay(cfg)
-    steps.run_replay(cfg, task)
-    steps.run_finetune(cfg, task)
-    return steps.run_evaluate(cfg, task)["registry"]
+    return run_task(cfg, task)["registry"]
 
 
 def _aliases(client, name: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_task
 from pipeline import steps
 from pipeline.serving import gate_decision
 
@@ -51,13 +52,7 @@ def _client(cfg):
     return MlflowClient(tracking_uri(cfg))
 
 
-def _task(cfg, task: int) -> dict:
-    steps.run_fit_generators(cfg, task)
-    if task == 1:
-        steps.run_init_replay(cfg)
-    steps.run_replay(cfg, task)
-    steps.run_finetune(cfg, task)
-    return steps.run_evaluate(cfg, task)
+_task = run_task
 
 
 def test_a_version_trained_without_replay_is_registered_but_not_champion(world):
