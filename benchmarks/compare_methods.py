@@ -56,12 +56,32 @@ def run(seed: int, method: str, out: Path, extra: list[str], label: str = "") ->
     for task in range(1, n + 1):
         steps.run_finetune(cfg, task)
         steps.run_evaluate(cfg, task)
-    report = steps.run_report(cfg)
+    report = with_figures(steps.run_report(cfg))
     report["finetune_seconds"] = time.perf_counter() - start
-    report["finetune_seconds_per_task"] = [report["seconds_per_task"][str(t)].get("finetune") for t in range(1, n + 1)]
+    return report
+
+
+def with_figures(report: dict) -> dict:
+    """The report with the table's derived columns: per-task finetune seconds, AUROCs."""
+    tasks = sorted(report["seconds_per_task"], key=int)
+    report["finetune_seconds_per_task"] = [report["seconds_per_task"][t].get("finetune") for t in tasks]
     for score in SCORES:
         report[f"auroc_{score}"] = report["novelty"].get(score, {}).get("auroc")
     return report
+
+
+def collect(out: Path, seeds: list[int], names: list[str]) -> dict[str, list[dict]]:
+    """The reports of runs already under ``out`` (``--table-only``)."""
+    from pipeline.io import read_json
+
+    results: dict[str, list[dict]] = {}
+    for name in names:
+        for seed in seeds:
+            path = out / f"seed{seed}" / name / "metrics" / "report_details.json"
+            if not path.exists():
+                raise SystemExit(f"{path}: no finished run of {name} with seed {seed}")
+            results.setdefault(name, []).append(with_figures(read_json(path)))
+    return results
 
 
 def main() -> None:
@@ -70,12 +90,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "clap", "joint"])
     parser.add_argument("--label", default="", help="name of a variant (its overrides follow)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
+    parser.add_argument("--table-only", action="store_true", help="print the table of the runs already under --out")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
     swallowed = [m for m in args.methods if "=" in m]
     if swallowed:
         parser.error(f"--methods took the override(s) {swallowed}: put overrides after `--` or before --methods")
     names = {m: f"{m}-{args.label}" if args.label else m for m in args.methods}
+    if args.table_only:
+        print_table(collect(args.out, args.seeds, list(names.values())), args.seeds)
+        return
     results: dict[str, list[dict]] = {names[m]: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
@@ -86,7 +110,10 @@ def main() -> None:
             figures.append("finetune s/task " + " ".join(f"{v:.1f}" for v in report["finetune_seconds_per_task"] if v is not None))
             print(f"seed {seed} {names[method]}: " + ", ".join(figures), flush=True)
     (args.out / f"results{'-' + args.label if args.label else ''}.json").write_text(json.dumps(results, indent=2))
+    print_table(results, args.seeds)
 
+
+def print_table(results: dict[str, list[dict]], seeds: list[int]) -> None:
     def cell(values: list[float | None]) -> str:
         if any(v is None for v in values):
             return "n/a (deterministic)"
@@ -94,7 +121,7 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
-    print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); mean ± std, in %")
+    print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± std, in %")
     columns = [*METRICS, *(f"auroc_{s}" for s in SCORES)]
     print("| method | avg incremental acc | last acc | forgetting | transfer | ECE (last task) "
           "| novel AUROC max-prob | novel AUROC energy | novel AUROC sample variance |")
