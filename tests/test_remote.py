@@ -128,12 +128,12 @@ def test_remote_refuses_credentials_without_repeating_them(dvc_project, args):
 def test_remote_refuses_while_the_shared_config_holds_a_secret(dvc_project):
     config = dvc_project / ".dvc" / "config"
     config.write_text(
-        "['remote \"old\"']\n    url = s3://old-bucket\n    secret_access_key = hand-written-secret\n    region = us-east-2\n"
+        "['remote \"old\"']\n    url = s3://old-bucket\n    secret_access_key = example-not-a-real-secret\n    region = us-east-2\n"
     )
     result = _recall("remote", "s3://recall-state/dvc", "--no-check")
     assert result.exit_code == 2
     assert "remote 'old' option secret_access_key" in result.output and "region" in result.output, result.output
-    assert "hand-written-secret" not in result.output
+    assert "example-not-a-real-secret" not in result.output
     assert "recall-state" not in config.read_text()  # nothing written
 
 

@@ -24,7 +24,7 @@ from pipeline.data import DataError
 from pipeline.embed import BadImage, collate_images, screen_bad_images
 
 # Dummy credentials, distinctive so a test can tell if one ever reaches a message.
-ACCESS_KEY = "AKIASTREAMTESTKEY042"
+ACCESS_KEY = "TESTSTREAMACCESSKEY0"
 SECRET_KEY = "stream-test-secret-never-shown"
 
 
