@@ -120,7 +120,7 @@ class ProbabilisticHead(nn.Module):
 
         Biases: ``A``'s start at 0, so ``mu`` starts as the text projection. ``B``'s follow
         ``encoder_bias``: ``template_std`` sets them so ``sigma`` starts at the mean template
-        standard deviation (the spread the text itself shows, about 0.03 per dimension for
+        standard deviation (the spread the text itself shows, about 0.01 per dimension for
         the demo); ``pytorch_default`` keeps ``nn.Linear``'s uniform init, as the reference
         does, so ``sigma`` starts near ``softplus(0) = 0.69``, far wider than the features."""
         d = self.dim
