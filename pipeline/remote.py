@@ -35,7 +35,6 @@ MACHINE_OPTIONS = ("region", "profile", "credentialpath")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REMOTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_CHECK_TIMEOUT_S = 5
 
 
 class RemoteError(Exception):
@@ -120,35 +119,20 @@ def find_project(start: Path | None = None) -> Path:
 
 def check_reachable(spec: RemoteSpec) -> None:
     """Fail in bounded time, with one line naming bucket and endpoint, if the S3 bucket
-    cannot be listed with this machine's AWS environment."""
+    cannot be listed with this machine's AWS environment (the stream source's client and
+    error wording: one S3 implementation)."""
     if not spec.is_s3:
         return
-    import boto3
-    from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from pipeline.stream import SourceError, call_s3, s3_client
 
-    endpoint = spec.endpoint_url or "AWS's default endpoint"
-    where = f"bucket {spec.bucket!r} at {endpoint}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=spec.endpoint_url,
-        config=BotoConfig(
-            connect_timeout=_CHECK_TIMEOUT_S, read_timeout=_CHECK_TIMEOUT_S, retries={"max_attempts": 1, "mode": "standard"}
-        ),
-    )
+    client = s3_client(spec.endpoint_url)
     try:
-        client.head_bucket(Bucket=spec.bucket)
-    except NoCredentialsError:
-        raise RemoteError(
-            f"{where}: no AWS credentials in this environment (set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE); or pass --no-check to configure it anyway"
-        ) from None
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        reason = {"404": "does not exist", "NoSuchBucket": "does not exist", "403": "access denied"}.get(code, f"error {code}")
-        raise RemoteError(f"{where}: {reason}; or pass --no-check to configure it anyway") from None
-    except BotoCoreError as exc:
-        raise RemoteError(f"{where}: not reachable ({exc}); or pass --no-check to configure it anyway") from None
+        # A listing, not head_bucket: HEAD answers carry no error code to tell a missing
+        # bucket from a wrong endpoint.
+        call_s3(lambda: client.list_objects_v2(Bucket=spec.bucket, MaxKeys=1),
+                bucket=spec.bucket, endpoint_url=spec.endpoint_url)
+    except SourceError as exc:
+        raise RemoteError(f"{exc}; or pass --no-check to configure it anyway") from None
 
 
 def _require_s3_plugin() -> None:
