@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _read_json(path: Path, what: str) -> Any:
             f"{path}: missing, and the registered model's name depends on the {what} "
             "(run the pipeline up to that step, or pass the model name explicitly)"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def lineage_of(cfg: Config) -> Lineage:
