@@ -14,7 +14,7 @@ from pipeline import steps
 from pipeline.config import ConfigError
 from pipeline.io import read_json, read_tensors, write_tensors
 from pipeline.prompts import PromptLearner, load_prompt_state
-from pipeline.split import SplitError, load_split, seen_classes, task_classes
+from pipeline.split import load_split, seen_classes, task_classes
 from pipeline.steps import TaskInputError, task_file
 
 
@@ -211,7 +211,7 @@ def test_a_replay_pool_missing_a_seen_class_is_named(world):
 
 
 def test_a_task_outside_the_split_is_named(world):
-    with pytest.raises(SplitError, match=r"task 4 is outside the split \(tasks 1\.\.3\)"):
+    with pytest.raises(steps.TaskInputError, match=r"task 4 is not in split.tasks \(tasks 1\.\.3\)"):
         steps.run_fit_generators(world, 4)
 
 

@@ -34,9 +34,9 @@ TINY_CONFIG = {
     "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4, "samples_per_class": 12},
     "method": {"prompt": {"epochs": 2, "batch_size": 16, "per_class_per_epoch": 8}},
 }
-PER_TASK = ("generators", "replay", "finetune", "evaluate")
+PER_TASK = ("generators", "replay", "novelty", "finetune", "evaluate")
 TASKS = (1, 2)
-ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text", "prompts-init", "replay-init", "report"} | {
+ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text@all", "prompts-init", "replay-init", "report"} | {
     f"{step}@{task:02d}" for step in PER_TASK for task in TASKS
 }
 
