@@ -110,6 +110,15 @@ def _as_postgres_user() -> list[str]:
     return ["runuser", "-u", "postgres", "--"]
 
 
+def _zombie(pid: int) -> bool:
+    """Exited but not yet reaped by its parent (the process that started the stack, while
+    it runs): gone for every purpose here."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,7 +126,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -125,7 +134,7 @@ def _group_members(pgid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getpgid(int(entry.name)) == pgid:
+                if os.getpgid(int(entry.name)) == pgid and not _zombie(int(entry.name)):
                     members.append(int(entry.name))
             except (ProcessLookupError, PermissionError):
                 pass
@@ -154,8 +163,35 @@ class LocalStack:
         self.ports = {**STACK_PORTS, **(ports or {})}
         self.logs = self.root / "logs"
         self.pids = self.root / "pids"
-        self.pgdata = self.root / "pgdata"
-        self.pgsocket = self.root / "pgsocket"
+
+    @property
+    def pg_home(self) -> Path:
+        """Where PostgreSQL's data and socket live: in the stack's folder, unless its user
+        cannot reach that folder (as root, under a 0700 home or pytest's temporary folders):
+        then in a folder of its own under /var/tmp, named after the stack's folder. The choice
+        is recorded so that restarts find the same cluster."""
+        record = self.root / "pg-home"
+        if record.exists():
+            return Path(record.read_text().strip())
+        self.root.mkdir(parents=True, exist_ok=True)
+        home = self.root
+        reachable = subprocess.run([*_as_postgres_user(), "test", "-x", str(self.root)]).returncode == 0
+        if not reachable:
+            import hashlib
+
+            home = Path("/var/tmp") / f"recall-stack-{hashlib.sha256(str(self.root).encode()).hexdigest()[:12]}"
+            home.mkdir(mode=0o700, exist_ok=True)
+            self._chown_postgres(home)
+        record.write_text(f"{home}\n")
+        return home
+
+    @property
+    def pgdata(self) -> Path:
+        return self.pg_home / "pgdata"
+
+    @property
+    def pgsocket(self) -> Path:
+        return self.pg_home / "pgsocket"
 
     # ---- settings a client needs (no passwords but the S3 stand-in's dummy keys)
     @property
@@ -210,12 +246,10 @@ class LocalStack:
                 shutil.chown(path, "postgres", "postgres")
 
     def start_postgres(self) -> int:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self._chown_postgres(self.logs)
         fresh = not (self.pgdata / "PG_VERSION").exists()
         if fresh:
             self.pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
-            pwfile = self.root / ".pgpass-init"
+            pwfile = self.pg_home / ".pgpass-init"
             pwfile.write_text(self._secrets()["postgres"] + "\n")
             self._chown_postgres(self.pgdata, pwfile)
             try:
@@ -227,7 +261,7 @@ class LocalStack:
         self._chown_postgres(self.pgsocket)
         options = (f"-c listen_addresses=127.0.0.1 -p {self.ports['postgres']} "
                    f"-c unix_socket_directories={self.pgsocket}")
-        self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logs / "postgres.log"), "-o", options, "-w", "-t", "60", "start")
+        self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(self.pg_home / "postgres.log"), "-o", options, "-w", "-t", "60", "start")
         pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
         self._record("postgres", pid)
         if fresh:

@@ -80,6 +80,10 @@ def test_stack_up_survives_a_database_restart_and_down_leaves_nothing(tmp_path):
                 assert secrets[role] not in text, f"{role}'s password in {path}"
     finally:
         result = _script("down", folder, env)
+        if stack.pg_home != folder:  # the cluster went outside the 0700 temporary folder
+            import shutil
+
+            shutil.rmtree(stack.pg_home, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     for service, pid in pids.items():
         assert not _alive(pid), f"{service} ({pid}) still running"
