@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export HYDRA_FULL_ERROR := 1
 
-.PHONY: demo test test-fast test-full install clean-demo update update-demo
+.PHONY: demo test test-fast test-full install clean-demo update update-demo stack stack-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,3 +54,13 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 test-full: test
+
+## The team stack without containers, on 127.0.0.1 (infra/compose.yaml is the one with
+## containers): PostgreSQL, an S3 API with the buckets, MLflow server, Prefect server (when
+## installed). State, logs and PIDs in .stack/; `source .stack/env` points clients at it.
+stack: $(STAMP)
+	PYTHON=$(BIN)/python infra/local/up
+
+## Stop exactly what `make stack` started (the PIDs in .stack/pids/).
+stack-down:
+	PYTHON=$(BIN)/python infra/local/down

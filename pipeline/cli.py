@@ -15,7 +15,37 @@ import typer
 
 from pipeline.compat import disable_telemetry
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# Set by `recall -v`: tracebacks are for developers; users get one line.
+_verbose = False
+
+
+def _one_line(exc: BaseException) -> str:
+    """An unexpected exception as one line, credentials in URLs masked."""
+    import re
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = re.sub(r"://[^/@\s]+@", "://***@", text)
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _RecallApp(typer.Typer):
+    """The last resort: an exception no step turned into a clear message still ends in one
+    line and exit code 1, not a page of traceback (``recall -v`` shows the traceback)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if _verbose:
+                raise
+            typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
+            typer.secho("(unexpected; run with -v for the traceback)", err=True)
+            sys.exit(1)
+
+
+app = _RecallApp(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="Composed params file (DVC's params.yaml).")
 OverridesArg = typer.Argument(None, help="Hydra overrides, e.g. dataset=cifar100 seed=1 (composes conf/ instead of reading --params).")
@@ -40,20 +70,29 @@ def _run(fn):
     from pipeline.serving import ServingError
     from pipeline.split import SplitError
     from pipeline.steps import TaskInputError
+    from pipeline.io import CorruptArtifactError
     from pipeline.tasks import TaskDefinitionError
+    from pipeline.tracking import TrackingServerError
 
     try:
         return fn()
     except (
         ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
         TaskInputError, TaskDefinitionError, ServingError, RegistryError, RemoteError, FileNotFoundError,
+        CorruptArtifactError, TrackingServerError,
     ) as exc:
+        if _verbose:
+            import traceback
+
+            traceback.print_exc()
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and tracebacks with errors.")) -> None:
+    global _verbose
+    _verbose = verbose
     disable_telemetry()
     # Libraries (open_clip logs on the root logger, MLflow's migrations) stay at WARNING.
     logging.basicConfig(
@@ -229,13 +268,17 @@ def classify(
         from pipeline.io import read_tensors
         from pipeline.serving import ServingError
         from pipeline.registry import model_name
-        from pipeline.tracking import tracking_uri, using_tracking_uri
+        from pipeline.tracking import (
+            bound_mlflow_retries, check_tracking_server, tracking_uri, tracking_uri_origin, using_tracking_uri,
+        )
 
         cfg = config.load(params if params.exists() else None, None)
         if bool(images) == bool(embeddings):
             raise ServingError("give image files or --embeddings (one of the two)")
         name = model or model_name(cfg, "classifier")
         uri = f"models:/{name}@{alias}"
+        bound_mlflow_retries(cfg.tracking)
+        check_tracking_server(tracking_uri(cfg), cfg.tracking, tracking_uri_origin(cfg))
         try:
             with using_tracking_uri(tracking_uri(cfg)):
                 loaded = mlflow.pyfunc.load_model(uri)

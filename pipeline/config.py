@@ -281,6 +281,14 @@ class TrackingConfig(_Strict):
     # Register each task's classifier as a servable MLflow pyfunc model version.
     register_classifier: bool = True
     gate: GateConfig = GateConfig()
+    # An http(s) server is checked before a step starts, and MLflow's own retries of every
+    # later request are bounded by the same figures, so a server that is down fails a step
+    # in seconds with one line (MLflow's defaults retry for about four minutes). Each try
+    # waits at most connect_timeout_s; after try i (from 0) the next starts
+    # retry_backoff_s * 2**i seconds later; retries + 1 tries in all.
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    retries: int = Field(default=3, ge=0, le=20)
+    retry_backoff_s: int = Field(default=1, ge=0, le=60)
 
 
 class EmbedConfig(_Strict):

@@ -58,13 +58,79 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class CorruptArtifactError(Exception):
+    """A file a step reads exists but cannot be parsed: truncated, overwritten or
+    half-copied. The message names the file, the DVC stage that writes it and how to
+    rebuild it."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.stage = producing_stage(self.path)
+        if self.stage:
+            fix = f"it is an output of stage {self.stage!r}; rebuild it with `dvc repro -f {self.stage}`"
+        else:
+            fix = "rebuild it with `dvc repro -f <stage>` for the stage that outputs it (`dvc stage list` names them)"
+        super().__init__(f"{path}: corrupt or truncated ({reason}); {fix}")
+
+
+def _dvc_root(start: Path) -> Path | None:
+    if env := os.environ.get("DVC_ROOT"):
+        return Path(env).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def producing_stage(path: str | Path) -> str | None:
+    """The DVC stage (``name`` or ``name@key``) whose output is ``path`` or a folder above
+    it: from dvc.lock (written as each stage runs: cheap and exact), else DVC's own reading
+    of dvc.yaml (params interpolated, foreach expanded); None if neither says."""
+    path = Path(path).resolve()
+    root = _dvc_root(path.parent)
+    if root is None:
+        return None
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        return None
+
+    def covers(out: str) -> bool:
+        out_path = Path(out)
+        return relative == out_path or out_path in relative.parents
+
+    try:
+        import yaml
+
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        for stage, entry in (lock.get("stages") or {}).items():
+            if any(covers(out.get("path", "")) for out in entry.get("outs") or []):
+                return stage
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            for stage in repo.index.stages:
+                if any(covers(str(Path(out.def_path))) for out in stage.outs):
+                    return stage.addressing
+    except Exception:  # noqa: BLE001 - only a hint for an error message already being raised
+        pass
+    return None
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptArtifactError(path, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -86,15 +152,27 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
             handle.write(blob[8 + length :])
 
 
+def _safetensors_reason(exc: Exception) -> str:
+    return f"not a readable safetensors file: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise CorruptArtifactError(path, _safetensors_reason(exc)) from None
 
 
 def read_tensor_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as exc:
+        raise CorruptArtifactError(path, _safetensors_reason(exc)) from None
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", block: int = 1 << 20) -> str:
