@@ -124,11 +124,18 @@ def discover(project_dir: str | Path) -> Pipeline:
         # Post-order over dependency edges: every stage after its dependencies, and
         # otherwise in dvc.yaml's order (DVC's own plan_repro does the same).
         ordered = [s for s in nx.dfs_postorder_nodes(graph) if isinstance(s, PipelineStage)]
+
+        def address(stage) -> str:
+            # What `dvc repro` run in the project root accepts (DVC's own `addressing` is
+            # relative to this process's cwd).
+            dvcfile = os.path.relpath(stage.dvcfile.path, repo.root_dir)
+            return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+
         upstream = {
-            s.addressing: frozenset(d.addressing for d in graph.successors(s) if isinstance(d, PipelineStage))
+            address(s): frozenset(address(d) for d in graph.successors(s) if isinstance(d, PipelineStage))
             for s in ordered
         }
-        return Pipeline(tuple(s.addressing for s in ordered), upstream)
+        return Pipeline(tuple(address(s) for s in ordered), upstream)
 
 
 def dvc_program() -> str:
