@@ -80,7 +80,7 @@ def _pid_file(home: Path, name: str) -> Path:
 def up(project_dir: Path, port: int = DEFAULT_PORT) -> str:
     home = project_dir / ".prefect"
     down(project_dir)
-    server, api_url = start_prefect_server(home, port=port)
+    server, api_url = start_prefect_server(home, port=port, ui=True)
     _pid_file(home, "server").write_text(str(server.pid))
     env = stack_env(home, api_url, project_dir)
     configure(project_dir, env)
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
     if command == "up":
         port = int(os.environ.get("PREFECT_PORT", DEFAULT_PORT))
         api_url = up(project_dir, port)
-        print(f"Prefect server {api_url} (UI {api_url.removesuffix('/api')} with PREFECT_UI_ENABLED=true); "
+        print(f"Prefect server {api_url} (UI {api_url.removesuffix('/api')}); "
               f"pools {', '.join(POOLS)} with a worker each; deployments applied; logs in .prefect/")
         print(f"export PREFECT_API_URL={api_url}")
     elif command == "down":

@@ -15,7 +15,9 @@ parent run of the whole pipeline run is keyed by it, and tagged ``prefect.flow_r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -26,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from flows import reporting, stages as dvc_stages
 
 STEP_FLOW = "recall-step"
+PARAMS_FILE = "params.yaml"
 # The global concurrency limit that keeps one job per GPU (created by `make prefect`).
 GPU_LIMIT = "gpu"
 # Routing of stages: everything in this flow run; GPU families on recall-step/gpu and the
@@ -117,14 +120,14 @@ def _resolve_routing(routing: str) -> str:
 
 @task(name="dispatch-stage", task_run_name="{stage} on {deployment}", cache_policy=NO_CACHE)
 def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: str,
-                   overrides: list[str] | None) -> str:
+                   params: dict[str, Any]) -> str:
     """Run ``stage`` as a flow run of a step deployment and wait for it. Not retried here:
     the step flow retries what is worth retrying itself."""
     from prefect.deployments import run_deployment
 
     child = run_deployment(
         deployment,
-        parameters={"stages": [stage], "overrides": overrides, "pipeline_run": pipeline_run, "project_dir": project_dir},
+        parameters={"stages": [stage], "params": params, "pipeline_run": pipeline_run, "project_dir": project_dir},
         flow_run_name=f"{stage} ({pipeline_run[:8]})", poll_interval=2,
     )
     if not child.state or not child.state.is_completed():
@@ -135,14 +138,30 @@ def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: 
     return str(child.id)
 
 
-def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, routing: str,
-               overrides: list[str] | None) -> None:
+def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, routing: str) -> None:
+    # A step flow run on another machine gets the params this one composed, so both run
+    # the same configuration whatever that machine's params.yaml held.
+    params = _read_params(project_dir)
     for stage in stage_names:
         deployment = route(stage, routing)
         if deployment is None:
             _run_inline(stage, project_dir, pipeline_run)
         else:
-            dispatch_stage(stage, deployment, project_dir, pipeline_run, overrides)
+            dispatch_stage(stage, deployment, project_dir, pipeline_run, params)
+
+
+def _read_params(project_dir: str) -> dict[str, Any]:
+    return yaml.safe_load((Path(project_dir) / PARAMS_FILE).read_text())
+
+
+def _use_params(project_dir: str, params: dict[str, Any]) -> None:
+    """Make params.yaml hold ``params``; left untouched when it already does (the usual
+    case: a worker in the checkout that composed them)."""
+    from pipeline.config import write_params
+
+    path = Path(project_dir) / PARAMS_FILE
+    if not path.exists() or yaml.safe_load(path.read_text()) != params:
+        write_params(path, params)
 
 
 def _tag_parent(project_dir: str, pipeline_run: str) -> None:
@@ -164,17 +183,22 @@ def _plan(project_dir: str) -> list[str]:
 
 
 @flow(name=STEP_FLOW)
-def recall_step(stages: list[str], overrides: list[str] | None = None, pipeline_run: str | None = None,
-                project_dir: str = ".", push: bool = False) -> list[str]:
+def recall_step(stages: list[str], overrides: list[str] | None = None, params: dict[str, Any] | None = None,
+                pipeline_run: str | None = None, project_dir: str = ".", push: bool = False) -> list[str]:
     """Run the named DVC stages in the given order (each skipped by DVC when up to date).
 
-    ``overrides`` (Hydra) recompose params.yaml first, as the benchmark that sent them did;
-    ``pipeline_run`` is the MLflow parent-run key of the pipeline run this belongs to
-    (default: this flow run); ``push`` sends outputs and run cache to the DVC remote, for
-    a worker whose checkout is not the one that orchestrates."""
+    First, ``overrides`` (Hydra) recompose params.yaml, or ``params`` (a composed config,
+    what the benchmark and update flows send) replace it; ``pipeline_run`` is the MLflow
+    parent-run key of the pipeline run this belongs to (default: this flow run); ``push``
+    sends outputs and run cache to the DVC remote, for a worker whose checkout is not the
+    one that orchestrates."""
+    if overrides is not None and params is not None:
+        raise ValueError("recall-step: give overrides (to compose) or params (composed), not both")
     key = pipeline_run or str(flow_run.id)
     if overrides is not None:
         _compose(project_dir, overrides)
+    elif params is not None:
+        _use_params(project_dir, params)
     for stage in stages:
         _run_inline(stage, project_dir, key)
     if push:
@@ -194,7 +218,7 @@ def recall_benchmark(overrides: list[str] | None = None, project_dir: str = ".",
     _compose(project_dir, list(overrides or []))
     plan = _plan(project_dir)
     try:
-        run_stages(plan, project_dir, key, resolved, list(overrides or []))
+        run_stages(plan, project_dir, key, resolved)
     finally:
         _tag_parent(project_dir, key)
     return plan
@@ -215,7 +239,7 @@ def recall_update(source: str | None = None, overrides: list[str] | None = None,
     # Discovered after the ingest: the new tasks' stages exist only from now on.
     plan = _plan(project_dir)
     try:
-        run_stages(plan, project_dir, key, resolved, composed or None)
+        run_stages(plan, project_dir, key, resolved)
     finally:
         _tag_parent(project_dir, key)
     return plan

@@ -62,7 +62,7 @@ def moto_server(log_dir: str | Path, env: dict[str, str] | None = None, timeout:
         stop(server)
 
 
-def prefect_env(home: str | Path, api_url: str | None = None) -> dict[str, str]:
+def prefect_env(home: str | Path, api_url: str | None = None, ui: bool = False) -> dict[str, str]:
     """Environment for Prefect programs of a local stack: state under ``home`` (a sqlite
     database), never ~/.prefect, and no telemetry."""
     env = {
@@ -70,15 +70,16 @@ def prefect_env(home: str | Path, api_url: str | None = None) -> dict[str, str]:
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{Path(home) / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
-        # The UI is not needed to serve the API, and building it costs seconds at start.
-        "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false"),
+        # Tests need no UI, and serving it costs seconds at start.
+        "PREFECT_UI_ENABLED": "true" if ui else "false",
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
 
 
-def start_prefect_server(home: str | Path, port: int | None = None, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+def start_prefect_server(home: str | Path, port: int | None = None, timeout: float = 120,
+                         ui: bool = False) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` on loopback (a free port unless given), logging into
     ``home``; returns the process (its own process group) and the API URL once healthy."""
     home = Path(home)
@@ -89,7 +90,7 @@ def start_prefect_server(home: str | Path, port: int | None = None, timeout: flo
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
             [str(program), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **prefect_env(home)}, stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, **prefect_env(home, ui=ui)}, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     api_url = f"http://127.0.0.1:{port}/api"

@@ -133,6 +133,17 @@ def test_routing_modes():
         route("report", "gpu")
 
 
+def test_step_flow_takes_composed_params_and_rewrites_only_what_differs(tmp_path):
+    from flows.recall_flows import _read_params, _use_params
+
+    (tmp_path / "params.yaml").write_text("seed: 0\nsplit:\n  n_tasks: 2\n")
+    before = (tmp_path / "params.yaml").stat().st_mtime_ns
+    _use_params(str(tmp_path), {"seed": 0, "split": {"n_tasks": 2}})
+    assert (tmp_path / "params.yaml").stat().st_mtime_ns == before
+    _use_params(str(tmp_path), {"seed": 1, "split": {"n_tasks": 2}})
+    assert _read_params(str(tmp_path)) == {"seed": 1, "split": {"n_tasks": 2}}
+
+
 # ------------------------------------------------------------------ failures
 
 
