@@ -141,9 +141,9 @@ def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: 
 def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, routing: str) -> None:
     # A step flow run on another machine gets the params this one composed, so both run
     # the same configuration whatever that machine's params.yaml held.
-    params = _read_params(project_dir)
-    for stage in stage_names:
-        deployment = route(stage, routing)
+    routes = {stage: route(stage, routing) for stage in stage_names}
+    params = _read_params(project_dir) if any(routes.values()) else {}
+    for stage, deployment in routes.items():
         if deployment is None:
             _run_inline(stage, project_dir, pipeline_run)
         else:

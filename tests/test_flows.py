@@ -180,19 +180,67 @@ def test_stage_processes_get_the_pipeline_run_key(toy):
     assert "didn't change" in dvc_stages.run_stage(toy, "embed@train", dvc_stages.stage_env("other"))
 
 
-def test_step_flow_retries_a_crash_but_not_bad_input(toy, tmp_path, monkeypatch):
-    """The retry policy as Prefect applies it: 3 attempts of a crashing stage, 1 of a refusing one."""
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """One temporary Prefect server for the flow tests of this module (it takes seconds to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_step_flow_retries_a_crash_but_not_bad_input(prefect_harness, toy, monkeypatch):
+    """The retry policy as Prefect applies it: 3 attempts of a crashing stage, 1 of a refusing one."""
     from flows import recall_flows
 
     monkeypatch.setattr(recall_flows, "dvc_stage", recall_flows.dvc_stage.with_options(retry_delay_seconds=0))
-    with prefect_test_harness(server_startup_timeout=120):
-        state = recall_flows.recall_step(["crashes"], project_dir=str(toy), return_state=True)
-        assert state.is_failed()
-        assert (toy / "attempts").read_text() == "xxx"
-        state = recall_flows.recall_step(["refuses"], project_dir=str(toy), return_state=True)
-        assert state.is_failed() and "no such folder" in state.message
+    state = recall_flows.recall_step(["crashes"], project_dir=str(toy), return_state=True)
+    assert state.is_failed()
+    assert (toy / "attempts").read_text() == "xxx"
+    state = recall_flows.recall_step(["refuses"], project_dir=str(toy), return_state=True)
+    assert state.is_failed() and "no such folder" in state.message
+
+
+UPDATE_TOY = """
+stages:
+  task:
+    foreach: ["01", "02"]
+    do:
+      cmd: python -c "import os; open('t${item}.out', 'w').write(os.environ['RECALL_PIPELINE_RUN'])"
+      deps:
+        - t${item}.in
+      outs:
+        - t${item}.out
+  report:
+    cmd: python -c "open('report.out', 'a').write('r')"
+    deps: [t01.out, t02.out]
+    outs:
+      - report.out:
+          persist: true
+"""
+
+
+def test_update_flow_runs_only_what_the_ingest_made_out_of_date(prefect_harness, tmp_path, monkeypatch):
+    from flows import recall_flows
+
+    toy = _toy_repo(tmp_path / "update", UPDATE_TOY)
+    for key in ("01", "02"):
+        (toy / f"t{key}.in").write_text("batch")
+    subprocess.run([DVC, "repro", "-q"], cwd=toy, check=True, env=dvc_stages.stage_env("before"))
+    ingested = []
+
+    def fake_ingest(args, project_dir):  # what `recall ingest` does to the DVC graph: new input
+        ingested.append(args)
+        (Path(project_dir) / "t02.in").write_text("a new batch")
+
+    monkeypatch.setattr(recall_flows, "recall_command", fake_ingest)
+    state = recall_flows.recall_update(project_dir=str(toy), routing="inline", return_state=True)
+    assert state.is_completed(), state.message
+    assert ingested == [["ingest"]]
+    assert state.result() == ["task@02", "report"]
+    assert (toy / "t01.out").read_text() == "before"
+    assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
+    assert (toy / "report.out").read_text() == "rr"
 
 
 # ------------------------------------------------------------------ artifacts and events
@@ -283,6 +331,8 @@ def _tiny_project(root: Path) -> Path:
         shutil.copy(REPO / name, root)
     config = yaml.safe_load((root / "conf/config.yaml").read_text())
     _merge(config, TINY_CONFIG)
+    # One task: every kind of stage runs once (the per-task chain is test_pipeline_dvc's).
+    _merge(config, {"split": {"n_tasks": 1}})
     (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
@@ -291,6 +341,46 @@ def _tiny_project(root: Path) -> Path:
                 ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return root
+
+
+def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, timeout: float = 60) -> list:
+    """POST a MinIO-style notification of ``incoming/batch-07/_READY`` to a running
+    flows.bucket_events; return the recall-update/scheduled flow runs that appear."""
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.devstack import free_port, stop
+
+    port = free_port()
+    with open(log_dir / "bucket_events.log", "wb") as log_file:
+        receiver = subprocess.Popen([sys.executable, "-m", "flows.bucket_events", "--port", str(port)], cwd=repo,
+                                    env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    body = json.dumps({"EventName": "s3:ObjectCreated:Put", "Records": [{
+        "eventName": "s3:ObjectCreated:Put",
+        "s3": {"bucket": {"name": "recall-bucket"}, "object": {"key": "incoming/batch-07/_READY"}}}]}).encode()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST")
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == 204
+                break
+            except OSError:
+                assert receiver.poll() is None and time.monotonic() < deadline, (log_dir / "bucket_events.log").read_text()
+                time.sleep(0.5)
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            update = client.read_deployment_by_name("recall-update/scheduled")
+            while True:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[update.id])))
+                if runs or time.monotonic() > deadline:
+                    return runs
+                time.sleep(1)
+    finally:
+        stop(receiver)
 
 
 @pytest.mark.slow
@@ -333,9 +423,14 @@ def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_
                 stop(worker)
         logs = "\n".join((tmp_path / f"worker-{p}.log").read_text()[-3000:] for p in POOLS)
         assert run.state.is_completed(), f"{run.state}\n{logs}"
+        # A bucket's notification of a ready batch, through the receiver, schedules an update
+        # of that source (no worker runs it: they are stopped).
+        update_runs = _notify_ready_batch(repo, env, tmp_path, api_url)
+        assert [r.parameters for r in update_runs] == [{"source": "s3://recall-bucket/incoming",
+                                                        "overrides": ["dataset=stream"]}]
 
     gpu_stages = {s for s in dvc_stages.discover(repo).stages if dvc_stages.pool_for(s) == "gpu"}
-    assert {"embed@train", "embed@test", "generators@01", "finetune@02"} <= gpu_stages
+    assert {"embed@train", "embed@test", "generators@01", "finetune@01"} <= gpu_stages
     ran_on_gpu = [tuple(child.parameters["stages"]) for child in children]
     assert sorted(ran_on_gpu) == sorted((s,) for s in gpu_stages)
     assert all(child.state.is_completed() for child in children)
@@ -352,12 +447,13 @@ def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_
     assert parents[0].data.tags["recall.pipeline_key"] == str(run.id)
     assert parents[0].data.tags["recall.role"] == "pipeline"
     steps = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    assert {"task-01/finetune", "task-02/evaluate", "embed-train"} <= {r.info.run_name for r in steps}
+    assert {"task-01/finetune", "task-01/evaluate", "embed-train"} <= {r.info.run_name for r in steps}
 
     by_key = {a.key: a for a in artifacts}
-    assert {"task-01-metrics", "task-01-gate", "task-02-metrics", "task-02-gate"} <= set(by_key)
-    table = by_key["task-02-metrics"].data
+    assert {"task-01-metrics", "task-01-gate"} <= set(by_key)
+    table = by_key["task-01-metrics"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert "step_accuracy" in {row["metric"] for row in rows}
-    assert "MLflow" in by_key["task-02-gate"].data and "v" in by_key["task-02-gate"].data
+    assert {"step_accuracy", "calibration.ece", "accuracy_row.task_01"} <= {row["metric"] for row in rows}
+    gate = by_key["task-01-gate"].data
+    assert "promoted to champion" in gate and "evaluate run" in gate and "model version" in gate, gate
     print(f"end-to-end Prefect run: {time.monotonic() - started:.0f} s", file=sys.stderr)
