@@ -38,11 +38,15 @@ def _check(cmd: list[str], cwd: str | Path, env: Mapping[str, str], what: str) -
 def stack_env(home: str | Path, api_url: str, project_dir: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """What the Prefect CLI, the deploy and the workers run with. prefect.yaml reads
     RECALL_PROJECT_DIR (the checkout the workers run in), MLFLOW_TRACKING_URI and
-    RECALL_DVC_REMOTE at deploy time; unset, the last two are empty (the project's
-    defaults: the sqlite store in the project, the remote in .dvc/config)."""
+    RECALL_DVC_REMOTE at deploy time. Unset, MLflow is the project's own sqlite store,
+    spelled out (an empty value would hide a worker's own MLFLOW_TRACKING_URI), and the
+    DVC remote is .dvc/config's."""
+    from pipeline.tracking import LOCAL_DB
+
     env = {**os.environ, **prefect_env(home, api_url)}
     env["RECALL_PROJECT_DIR"] = str(Path(project_dir).resolve())
-    env.setdefault("MLFLOW_TRACKING_URI", "")
+    if not env.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(project_dir).resolve() / LOCAL_DB}"
     env.setdefault("RECALL_DVC_REMOTE", "")
     env.setdefault("RECALL_SOURCE", "")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.defpath)}"
