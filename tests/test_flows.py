@@ -50,7 +50,8 @@ stages:
     outs: [s.txt]
   refuses:
     cmd: >-
-      python -c "import sys; print('error: dataset.root=/nowhere: no such folder', file=sys.stderr); sys.exit(2)"
+      python -c "import sys; open('refusals', 'a').write('x');
+      print('error: dataset.root=/nowhere: no such folder', file=sys.stderr); sys.exit(2)"
     outs: [r.txt]
   crashes:
     cmd: python -c "open('attempts', 'a').write('x'); raise ConnectionError('MLflow unreachable')"
@@ -180,25 +181,14 @@ def test_stage_processes_get_the_pipeline_run_key(toy):
     assert "didn't change" in dvc_stages.run_stage(toy, "embed@train", dvc_stages.stage_env("other"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def prefect_harness():
-    """One temporary Prefect server for the flow tests of this module (it takes seconds to start)."""
+    """One temporary Prefect server for the flow runs of a test class (it takes seconds to
+    start), stopped at the class's end so that it does not compete with the slow test."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def test_step_flow_retries_a_crash_but_not_bad_input(prefect_harness, toy, monkeypatch):
-    """The retry policy as Prefect applies it: 3 attempts of a crashing stage, 1 of a refusing one."""
-    from flows import recall_flows
-
-    monkeypatch.setattr(recall_flows, "dvc_stage", recall_flows.dvc_stage.with_options(retry_delay_seconds=0))
-    state = recall_flows.recall_step(["crashes"], project_dir=str(toy), return_state=True)
-    assert state.is_failed()
-    assert (toy / "attempts").read_text() == "xxx"
-    state = recall_flows.recall_step(["refuses"], project_dir=str(toy), return_state=True)
-    assert state.is_failed() and "no such folder" in state.message
 
 
 UPDATE_TOY = """
@@ -220,27 +210,41 @@ stages:
 """
 
 
-def test_update_flow_runs_only_what_the_ingest_made_out_of_date(prefect_harness, tmp_path, monkeypatch):
-    from flows import recall_flows
+@pytest.mark.usefixtures("prefect_harness")
+class TestFlowRuns:
+    def test_step_flow_retries_a_crash_but_not_bad_input(self, toy, monkeypatch):
+        """The retry policy as Prefect applies it: 3 attempts of a crashing stage, 1 of a refusing one."""
+        from flows import recall_flows
 
-    toy = _toy_repo(tmp_path / "update", UPDATE_TOY)
-    for key in ("01", "02"):
-        (toy / f"t{key}.in").write_text("batch")
-    subprocess.run([DVC, "repro", "-q"], cwd=toy, check=True, env=dvc_stages.stage_env("before"))
-    ingested = []
+        monkeypatch.setattr(recall_flows, "dvc_stage", recall_flows.dvc_stage.with_options(retry_delay_seconds=0))
+        state = recall_flows.recall_step(["crashes"], project_dir=str(toy), return_state=True)
+        assert state.is_failed()
+        assert (toy / "attempts").read_text() == "xxx"
+        state = recall_flows.recall_step(["refuses"], project_dir=str(toy), return_state=True)
+        assert state.is_failed() and "no such folder" in state.message
+        assert (toy / "refusals").read_text() == "x"
 
-    def fake_ingest(args, project_dir):  # what `recall ingest` does to the DVC graph: new input
-        ingested.append(args)
-        (Path(project_dir) / "t02.in").write_text("a new batch")
+    def test_update_flow_runs_only_what_the_ingest_made_out_of_date(self, tmp_path, monkeypatch):
+        from flows import recall_flows
 
-    monkeypatch.setattr(recall_flows, "recall_command", fake_ingest)
-    state = recall_flows.recall_update(project_dir=str(toy), routing="inline", return_state=True)
-    assert state.is_completed(), state.message
-    assert ingested == [["ingest"]]
-    assert state.result() == ["task@02", "report"]
-    assert (toy / "t01.out").read_text() == "before"
-    assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
-    assert (toy / "report.out").read_text() == "rr"
+        toy = _toy_repo(tmp_path / "update", UPDATE_TOY)
+        for key in ("01", "02"):
+            (toy / f"t{key}.in").write_text("batch")
+        subprocess.run([DVC, "repro", "-q"], cwd=toy, check=True, env=dvc_stages.stage_env("before"))
+        ingested = []
+
+        def fake_ingest(args, project_dir):  # what `recall ingest` does to the DVC graph: new input
+            ingested.append(args)
+            (Path(project_dir) / "t02.in").write_text("a new batch")
+
+        monkeypatch.setattr(recall_flows, "recall_command", fake_ingest)
+        state = recall_flows.recall_update(project_dir=str(toy), routing="inline", return_state=True)
+        assert state.is_completed(), state.message
+        assert ingested == [["ingest"]]
+        assert state.result() == ["task@02", "report"]
+        assert (toy / "t01.out").read_text() == "before"
+        assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
+        assert (toy / "report.out").read_text() == "rr"
 
 
 # ------------------------------------------------------------------ artifacts and events
