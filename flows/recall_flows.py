@@ -109,11 +109,12 @@ def _resolve_routing(routing: str) -> str:
     if routing != "auto":
         return routing
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(f"{STEP_FLOW}/{dvc_stages.GPU_POOL}")
-        except Exception:  # ObjectNotFound: no step deployments on this server
+        except ObjectNotFound:  # no step deployments on this server (an unreachable one raises)
             return "inline"
     return "deployments"
 

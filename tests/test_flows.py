@@ -246,6 +246,14 @@ class TestFlowRuns:
         assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
         assert (toy / "report.out").read_text() == "rr"
 
+    def test_auto_routing_is_inline_without_step_deployments(self):
+        from flows.recall_flows import _resolve_routing
+
+        assert _resolve_routing("auto") == "inline"
+        assert _resolve_routing("gpu-deployment") == "gpu-deployment"
+        with pytest.raises(ValueError, match="routing 'everywhere'"):
+            _resolve_routing("everywhere")
+
 
 # ------------------------------------------------------------------ artifacts and events
 
