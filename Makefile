@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export HYDRA_FULL_ERROR := 1
 
-.PHONY: demo test test-fast test-full install clean-demo prefect prefect-down
+.PHONY: demo test test-fast test-full install clean-demo update update-demo prefect prefect-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ demo: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	$(BIN)/recall summary
+
+## The update loop, once: ingest every ready batch of the stream source (params.yaml's
+## dataset.source), then `dvc repro`: the new tasks' stages and the report.
+update: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init -q $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	$(BIN)/recall update
+	$(BIN)/recall summary
+
+## The update loop offline: the next batch of the shapes world lands in data/stream-source,
+## then `make update` makes it the next task. Run it again for the next batch (5 in all).
+## The first call switches params.yaml to experiment=stream_demo (git checkout params.yaml
+## switches back).
+update-demo: $(STAMP)
+	$(BIN)/python -c "import sys, yaml; sys.exit(yaml.safe_load(open('params.yaml'))['dataset']['name'] != 'stream')" \
+	  || $(BIN)/recall compose-params experiment=stream_demo
+	$(BIN)/recall stream-demo data/stream-source --next
+	$(MAKE) update
 
 ## Run the test suite (slow end-to-end tests included).
 test: $(STAMP)

@@ -40,12 +40,13 @@ def _run(fn):
     from pipeline.serving import ServingError
     from pipeline.split import SplitError
     from pipeline.steps import TaskInputError
+    from pipeline.tasks import TaskDefinitionError
 
     try:
         return fn()
     except (
         ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
-        TaskInputError, ServingError, RegistryError, RemoteError, FileNotFoundError,
+        TaskInputError, TaskDefinitionError, ServingError, RegistryError, RemoteError, FileNotFoundError,
     ) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -155,6 +156,24 @@ def prompts_init(params: Path = ParamsOption, overrides: Optional[list[str]] = O
 
 
 @app.command()
+def intake(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Stream: embed one task's batch (train and test images, streamed from the source) and its class names."""
+    from pipeline import steps
+
+    figures = _run(lambda: steps.run_intake(_config(params, overrides), task))
+    typer.echo(f"task {task}: {figures['train_samples']} train and {figures['test_samples']} test images embedded")
+
+
+@app.command()
+def novelty(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Before a task trains: how many of its new test images the current champion would flag as unknown."""
+    from pipeline import steps
+
+    result = _run(lambda: steps.run_novelty(_config(params, overrides), task))
+    typer.echo(f"task {task}: {result.get('summary', result['status'])}")
+
+
+@app.command()
 def finetune(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Train the prompts of every seen class at one task."""
     from pipeline import steps
@@ -252,13 +271,7 @@ def classify(
 @app.command()
 def ingest(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Take every ready batch of the stream source into the ledger (dataset=stream)."""
-    from pipeline import stream
-
-    def run():
-        cfg = _config(params, overrides)
-        return cfg, stream.ingest_from_config(cfg)
-
-    cfg, entries = _run(run)
+    cfg, entries = _run(lambda: _ingest(params, overrides))
     if not entries:
         typer.echo(f"no new ready batches; {cfg.paths.ledger} unchanged")
     for entry in entries:
@@ -271,6 +284,58 @@ def ingest(params: Path = ParamsOption, overrides: Optional[list[str]] = Overrid
             )
         else:
             typer.echo(f"{entry['batch']}: rejected: {entry['reason']}")
+
+
+def _ingest(params: Path, overrides: Optional[list[str]]):
+    """Ingest, then make params.yaml's task count follow the ledger (DVC expands the new
+    tasks' stages from it)."""
+    from hydra_plugins.recall_resolvers import ledger_tasks
+    from pipeline import config, stream
+
+    cfg = _config(params, overrides)
+    entries = stream.ingest_from_config(cfg)
+    if not overrides and config.set_task_count(params, ledger_tasks(cfg.paths.ledger)):
+        typer.echo(f"{params}: split.n_tasks = {ledger_tasks(cfg.paths.ledger)}")
+    return cfg, entries
+
+
+@app.command()
+def update(
+    params: Path = ParamsOption,
+    dry: bool = typer.Option(False, "--dry", help="Ingest, then show what `dvc repro` would run without running it."),
+) -> None:
+    """The update loop, once: ingest every ready batch, then `dvc repro` (the new tasks'
+    stages and the report; nothing of the earlier tasks)."""
+    import os
+    import shutil
+    import subprocess
+
+    from pipeline import config
+
+    def check():
+        cfg = config.load(params)
+        if not cfg.stream:
+            raise config.ConfigError(
+                f"{params}: dataset {cfg.dataset.name!r} is a benchmark; the update loop needs dataset=stream. "
+                "Offline demo: `recall compose-params experiment=stream_demo` (git checkout params.yaml undoes it)"
+            )
+        return cfg
+
+    _run(check)
+    _, entries = _run(lambda: _ingest(params, None))
+    for entry in entries:
+        typer.echo(f"{entry['batch']}: " + (f"task {entry['task']}" if entry["status"] == "accepted" else f"rejected: {entry['reason']}"))
+    cfg = _run(lambda: config.load(params))
+    if cfg.split.n_tasks == 0:
+        typer.echo(f"no task yet: no ready batch in {cfg.dataset.source} (a batch is ready once <batch>/_READY exists)")
+        return
+    # The venv's programs first: dvc runs `recall` for every stage.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    command = [dvc, "status"] if dry else [dvc, "repro"]
+    code = subprocess.call(command, env=env)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command("stream-demo")

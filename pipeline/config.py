@@ -105,6 +105,9 @@ class StreamDataset(_DatasetBase):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # The authoritative, shared ledger (one object per entry); null: the local file only.
     ledger_uri: str | None = None
+    # The demo world: what the demo backbone pretrains on and `recall stream-demo` writes
+    # as batches. Null for a real stream (with an open_clip backbone).
+    shapes: ShapesWorld | None = None
 
 
 DatasetConfig = Annotated[
@@ -234,26 +237,30 @@ GeneratorConfig = Annotated[
 
 
 class TaskLink(_Strict):
+    """One task's entry in ``split.tasks`` (derived, see hydra_plugins/recall_resolvers)."""
+
     task: int
     previous: str
+    classes: str
+    train: str
+    test: str
+    text: str
+    after: str
 
 
 class SplitConfig(_Strict):
-    n_tasks: int = Field(ge=1)
+    # The stream's count comes from its ledger (0 before the first ingest).
+    n_tasks: int = Field(ge=0)
     class_order: list[str] | list[int] | None = None
     tasks: dict[str, TaskLink]
 
-    @model_validator(mode="after")
-    def _tasks_follow_n_tasks(self) -> "SplitConfig":
-        from hydra_plugins.recall_resolvers import task_chain
 
-        expected = task_chain(self.n_tasks)
-        if {k: v.model_dump() for k, v in self.tasks.items()} != expected:
-            raise ValueError(
-                f"split.tasks must be the chain derived from split.n_tasks={self.n_tasks} "
-                "(${recall_task_chain:${split.n_tasks}}); change split.n_tasks instead"
-            )
-        return self
+class ModeStages(_Strict):
+    """Mode-specific stage families (derived from the dataset; empty lists make no stage)."""
+
+    embed: list[str]
+    embed_text: list[str]
+    intake: dict[str, TaskLink]
 
 
 class GateConfig(_Strict):
@@ -311,6 +318,31 @@ class Config(_Strict):
     tracking: TrackingConfig
     embed: EmbedConfig
     paths: PathsConfig
+    mode_stages: ModeStages
+
+    @property
+    def stream(self) -> bool:
+        """The update loop (batches arriving in a source) rather than a benchmark split."""
+        return self.dataset.name == "stream"
+
+    @model_validator(mode="after")
+    def _derived_sections_follow(self) -> "Config":
+        from hydra_plugins.recall_resolvers import stage_switches, task_chain
+
+        if not self.stream and self.split.n_tasks < 1:
+            raise ValueError("split.n_tasks: a benchmark needs at least 1 task")
+        p = self.paths
+        expected = task_chain(self.split.n_tasks, self.dataset.name, p.embeddings, p.split, p.tasks, p.evaluations, p.prompts)
+        if {k: v.model_dump() for k, v in self.split.tasks.items()} != expected:
+            raise ValueError(
+                f"split.tasks must be the chain derived from split.n_tasks={self.split.n_tasks}, the dataset and "
+                "the paths (${recall_task_chain:...} in conf/config.yaml); change split.n_tasks instead"
+                + (" (the stream's comes from its ledger: run `recall ingest`)" if self.stream else "")
+            )
+        switches = stage_switches(self.dataset.name, expected)
+        if self.mode_stages.model_dump() != switches:
+            raise ValueError("mode_stages must be derived from the dataset (${recall_stages:...} in conf/config.yaml)")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all but tracking when none are named)."""
@@ -416,6 +448,24 @@ def _reject_missing_markers(raw: Any, source: str, prefix: str = "") -> None:
             _reject_missing_markers(value, source, f"{prefix}{key}.")
     elif raw == "???":
         raise ConfigError(f"{source}: {prefix.rstrip('.')}: required value is not set ('???')")
+
+
+def set_task_count(path: str | Path, n_tasks: int) -> bool:
+    """Set ``split.n_tasks`` in a composed params file and re-derive what follows from it
+    (the task chain, the mode's stage families), keeping every other value as it is (a
+    params file may hold overrides that recomposing would lose). Returns whether it changed."""
+    from hydra_plugins.recall_resolvers import stage_switches, task_chain
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    paths, dataset = raw["paths"], raw["dataset"]["name"]
+    chain = task_chain(n_tasks, dataset, paths["embeddings"], paths["split"], paths["tasks"], paths["evaluations"], paths["prompts"])
+    updated = {**raw, "split": {**raw["split"], "n_tasks": n_tasks, "tasks": chain}, "mode_stages": stage_switches(dataset, chain)}
+    if updated == raw:
+        return False
+    validate(updated, source=str(path))
+    write_params(path, updated)
+    return True
 
 
 def write_params(path: str | Path, raw: dict[str, Any]) -> None:

@@ -135,7 +135,8 @@ def summarise(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
         forgetting = sum(max(matrix[t][k] for t in range(k, n - 1)) - matrix[n - 1][k] for k in range(n - 1)) / (n - 1)
         bwt = sum(matrix[n - 1][k] - matrix[k][k] for k in range(n - 1)) / (n - 1)
         transfers = [v for e in evaluations[:-1] for v in e["transfer"].values()]
-        transfer = sum(transfers) / len(transfers)
+        # The stream never knows its next classes: no transfer to measure.
+        transfer = sum(transfers) / len(transfers) if transfers else float("nan")
     else:
         forgetting = bwt = transfer = float("nan")
     eces = [e["calibration"]["ece"] for e in evaluations if "calibration" in e]
@@ -146,7 +147,12 @@ def summarise(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
             figure: sum(e[score][figure] for e in with_novelty) / len(with_novelty)
             for figure in ("auroc", "aupr", "fpr_at_95_tpr")
         }
+    # The stream's counterpart: how the champion saw each arriving task before it trained.
+    arrivals = {
+        str(e["task"]): e["arrival"]["figures"] for e in evaluations if e.get("arrival", {}).get("figures")
+    }
     return {
+        "arrivals": arrivals,
         "ece_last": eces[-1] if eces else float("nan"),
         "ece_mean": sum(eces) / len(eces) if eces else float("nan"),
         "novelty": novelty,

@@ -244,7 +244,8 @@ def train_with_head(
     seen: list[int],
     class_task: torch.Tensor,
     task: int,
-    template_features: torch.Tensor,
+    text_mean: torch.Tensor,
+    current_templates: torch.Tensor,
     prompt_cfg: PromptConfig,
     head_cfg: HeadConfig,
     logit_scale: float,
@@ -254,7 +255,9 @@ def train_with_head(
     """Train prompts, context generator, attention and task ``task``'s encoder (earlier
     encoders frozen) on ``embeddings``, then, from task 2 on, the balanced finetuning phase
     with every encoder unfrozen and the attention frozen. Returns the per-epoch loss of both
-    phases."""
+    phases. ``text_mean [C_seen, d]``: the seen classes' template-averaged text features (the
+    prior's input); ``current_templates [C_task, J, d]``: this task's classes' per-template
+    features (the language regulariser's)."""
     from pipeline.prompts import class_positions, train_balanced
 
     present = set(labels.unique().tolist())
@@ -266,8 +269,9 @@ def train_with_head(
     seen_t = torch.tensor(seen)
     position = class_positions(seen)
     current = torch.nonzero(class_task == task).flatten()
-    current_templates = template_features[seen_t[current]]
-    class_means = template_features[seen_t].mean(dim=1)
+    if len(current) != len(current_templates):
+        raise HeadError(f"task {task}: {len(current)} new classes but text features of {len(current_templates)}")
+    class_means = text_mean.float()
     x_all = F.normalize(embeddings.float(), dim=-1)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 @contextlib.contextmanager
@@ -68,9 +68,22 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its content: safetensors keeps
+    metadata in a hash map, so its order (and the file's hash, which DVC compares to decide
+    what re-runs) would otherwise change from one identical run to the next."""
+    from safetensors.torch import save
+
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    blob = save(contiguous, metadata=metadata)
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data that follows to 8 bytes
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        with open(tmp, "wb") as handle:
+            handle.write(len(text).to_bytes(8, "little"))
+            handle.write(text)
+            handle.write(blob[8 + length :])
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -70,34 +70,82 @@ class ContextGenerator(nn.Module):
 
 
 class PromptLearner(nn.Module):
-    """Learned context of every class of the dataset (only seen ones are ever trained)."""
+    """Learned context of the classes seen so far, keyed by global class id.
 
-    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], class_features: torch.Tensor, n_ctx: int):
+    The class universe grows task by task (``add_classes``): a class's tokens, zero-shot
+    feature and context vectors are added when it arrives, and its context is drawn from a
+    generator seeded by (seed, class id), so it starts the same whatever came before it."""
+
+    def __init__(
+        self,
+        text_model: nn.Module,
+        tokenizer,
+        class_names: list[str] = (),
+        class_features: torch.Tensor | None = None,
+        n_ctx: int = 1,
+        class_ids: list[int] | None = None,
+        feature_dim: int | None = None,
+    ):
         super().__init__()
         self.text_model = text_model
+        self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         token_dim = text_model.token_embedding.weight.shape[1]
-        prefix = " ".join([PLACEHOLDER] * (n_ctx + 1))
-        tokens = tokenizer([f"{prefix} {name}." for name in class_names])
+        dim = feature_dim if feature_dim is not None else class_features.shape[1]
+        self.class_ids: list[int] = []
+        self.class_names: list[str] = []
+        self._row: dict[int, int] = {}
+        self.register_buffer("tokens", torch.zeros(0, text_model.positional_embedding.shape[0], dtype=torch.long))
+        self.register_buffer("eot", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("class_features", torch.zeros(0, dim))
+        self.ctx = nn.Parameter(torch.zeros(0, n_ctx, token_dim))
+        self.generator = ContextGenerator(dim, token_dim)
+        if len(class_names):
+            ids = list(range(len(class_names))) if class_ids is None else list(class_ids)
+            self.add_classes(ids, list(class_names), class_features)
+
+    def add_classes(self, class_ids: list[int], names: list[str], features: torch.Tensor, seed: int | None = None) -> None:
+        """Grow by new classes (their context drawn from ``seed``; zeros without one)."""
+        taken = [c for c in class_ids if c in self._row]
+        if taken:
+            raise PromptError(f"class id(s) {taken} already have prompts")
+        prefix = " ".join([PLACEHOLDER] * (self.n_ctx + 1))
+        tokens = self.tokenizer([f"{prefix} {name}." for name in names]).to(self.tokens.device)
         eot = tokens.argmax(dim=-1)
         if (eot >= tokens.shape[1] - 1).any():
-            longest = class_names[int(eot.argmax())]
-            raise PromptError(f"class name {longest!r} does not fit the text encoder's context with {n_ctx} context tokens")
-        self.register_buffer("tokens", tokens)
-        self.register_buffer("eot", eot)
-        self.register_buffer("class_features", class_features.float())
-        self.ctx = nn.Parameter(torch.zeros(len(class_names), n_ctx, token_dim))
-        self.generator = ContextGenerator(class_features.shape[1], token_dim)
+            longest = names[int(eot.argmax())]
+            raise PromptError(f"class name {longest!r} does not fit the text encoder's context with {self.n_ctx} context tokens")
+        ctx = torch.zeros(len(class_ids), *self.ctx.shape[1:])
+        if seed is not None:
+            for i, c in enumerate(class_ids):
+                ctx[i].normal_(0.0, 0.02, generator=torch.Generator().manual_seed(_class_seed(seed, c)))
+        self.tokens = torch.cat([self.tokens, tokens]) if len(self.tokens) else tokens
+        self.eot = torch.cat([self.eot, eot])
+        self.class_features = torch.cat([self.class_features, features.float().to(self.class_features.device)])
+        self.ctx = nn.Parameter(torch.cat([self.ctx.detach(), ctx.to(self.ctx.device)]))
+        for c, name in zip(class_ids, names):
+            self._row[int(c)] = len(self.class_ids)
+            self.class_ids.append(int(c))
+            self.class_names.append(name)
 
     def reset(self, seed: int) -> None:
+        """Draw the context generator's weights and every class's context from ``seed``."""
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.ctx.normal_(0.0, 0.02, generator=g)
             for module in self.generator.modules():
                 if isinstance(module, nn.Linear):
                     bound = 1.0 / math.sqrt(module.in_features)
                     module.weight.uniform_(-bound, bound, generator=g)
                     module.bias.uniform_(-bound, bound, generator=g)
+            for i, c in enumerate(self.class_ids):
+                self.ctx[i].normal_(0.0, 0.02, generator=torch.Generator().manual_seed(_class_seed(seed, c)))
+
+    def rows(self, class_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        ids = class_ids.tolist() if isinstance(class_ids, torch.Tensor) else list(class_ids)
+        missing = [c for c in ids if c not in self._row]
+        if missing:
+            raise PromptError(f"no prompts for class id(s) {missing} (known: {self.class_ids})")
+        return torch.tensor([self._row[c] for c in ids], dtype=torch.long, device=self.ctx.device)
 
     def features(self, class_ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Normalised text features ``f_c`` of the given classes."""
@@ -105,13 +153,14 @@ class PromptLearner(nn.Module):
             raise PromptError(
                 f"the context generator normalises over the seen classes and needs at least 2; got {len(class_ids)}"
             )
+        rows = self.rows(class_ids)
         model = self.text_model
-        embeddings = model.token_embedding(self.tokens[class_ids]).detach()
-        generated = self.generator(self.class_features[class_ids])
+        embeddings = model.token_embedding(self.tokens[rows]).detach()
+        generated = self.generator(self.class_features[rows])
         embeddings = torch.cat(
-            [embeddings[:, :1], self.ctx[class_ids], generated[:, None, :], embeddings[:, 2 + self.n_ctx :]], dim=1
+            [embeddings[:, :1], self.ctx[rows], generated[:, None, :], embeddings[:, 2 + self.n_ctx :]], dim=1
         )
-        return F.normalize(encode_token_embeddings(model, embeddings, self.eot[class_ids], cut=cut), dim=-1)
+        return F.normalize(encode_token_embeddings(model, embeddings, self.eot[rows], cut=cut), dim=-1)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {"ctx": self.ctx.detach()}
@@ -119,9 +168,15 @@ class PromptLearner(nn.Module):
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state["ctx"].shape != self.ctx.shape:
+            raise PromptError(f"saved context has shape {tuple(state['ctx'].shape)}, the learner {tuple(self.ctx.shape)}")
         with torch.no_grad():
             self.ctx.copy_(state["ctx"])
         self.generator.load_state_dict({k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")})
+
+
+def _class_seed(seed: int, class_id: int) -> int:
+    return seed * 1_000_003 + int(class_id) + 1
 
 
 def balanced_epoch(labels: torch.Tensor, class_ids: list[int], per_class: int, generator: torch.Generator) -> torch.Tensor:
@@ -244,9 +299,17 @@ def save_prompt_state(
     extra: dict[str, str] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """The learner's trainable tensors (plus e.g. a head's, under their own prefix)."""
-    metadata = {"seen": json.dumps(seen), "n_ctx": str(learner.n_ctx), "trained": json.dumps(trained), **(extra or {})}
-    write_tensors(path, {**learner.trainable_state(), **(extra_tensors or {})}, metadata=metadata)
+    """The learner's trainable tensors and the classes it knows (ids, names, zero-shot
+    features: the state is all a later task needs of earlier ones), plus e.g. a head's
+    tensors under their own prefix."""
+    if list(seen) != learner.class_ids:
+        raise PromptError(f"{path}: the learner knows classes {learner.class_ids}, not the seen classes {list(seen)}")
+    metadata = {
+        "seen": json.dumps(list(seen)), "class_names": json.dumps(learner.class_names), "n_ctx": str(learner.n_ctx),
+        "trained": json.dumps(trained), **(extra or {}),
+    }
+    tensors = {**learner.trainable_state(), "class_features": learner.class_features.detach(), **(extra_tensors or {})}
+    write_tensors(path, tensors, metadata=metadata)
 
 
 def load_prompt_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -255,5 +318,16 @@ def load_prompt_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise PromptError(f"{path}: no prompt state (run the finetune step of that task)")
     meta = read_tensor_metadata(path)
     info = {"seen": json.loads(meta["seen"]), "n_ctx": int(meta["n_ctx"]), "trained": json.loads(meta["trained"])}
-    info.update({k: v for k, v in meta.items() if k not in ("seen", "n_ctx", "trained")})
+    info["class_names"] = json.loads(meta.get("class_names", "[]"))
+    info.update({k: v for k, v in meta.items() if k not in ("seen", "n_ctx", "trained", "class_names")})
     return read_tensors(path), info
+
+
+def learner_from_state(text_model: nn.Module, tokenizer, state: dict[str, torch.Tensor], info: dict) -> PromptLearner:
+    """The learner a prompt state describes: its classes and trained context."""
+    learner = PromptLearner(
+        text_model, tokenizer, info["class_names"], state["class_features"], info["n_ctx"],
+        class_ids=info["seen"], feature_dim=state["class_features"].shape[1],
+    )
+    learner.load_trainable_state(state)
+    return learner

@@ -35,7 +35,7 @@ LINEAGE_TAG = "recall.lineage"
 INPUT_DIGEST_TAG = "recall.input_digest"
 # Settings that say where a dataset lives or how to fetch it, not what it holds; its
 # content enters through the prepared manifest's fingerprint instead.
-DATASET_LOCATION_KEYS = ("root", "manifest", "names_file", "download")
+DATASET_LOCATION_KEYS = ("root", "manifest", "names_file", "download", "source", "endpoint_url", "ledger_uri")
 # Metadata written into output files that varies between identical reruns (timings).
 VOLATILE_METADATA = frozenset({"seconds"})
 SHORT_HASH = 8
@@ -88,14 +88,25 @@ def lineage_of(cfg: Config) -> Lineage:
     from pipeline.data.manifest import CLASSES_FILE
 
     prepared = _read_json(Path(cfg.paths.prepared) / CLASSES_FILE, "prepared dataset")
-    split = _read_json(Path(cfg.paths.split), "task split")
     backbone = _read_json(Path(cfg.paths.backbone) / INFO_FILE, "backbone weights")
     dataset = {k: v for k, v in cfg.dataset.model_dump(mode="json").items() if k not in DATASET_LOCATION_KEYS}
+    if cfg.stream:
+        # A stream grows: its lineage is where it starts (the first batch, by content), not
+        # how many tasks it has so far, so every task of it meets the same champion.
+        first = _read_json(Path(cfg.split.tasks["01"].classes), "first task's manifest") if "01" in cfg.split.tasks else None
+        if first is None:
+            raise RegistryError("the stream has no task yet, so no lineage (run `recall ingest`)")
+        origin = {"dataset_fingerprint": first["digest"], "class_order": [f"stream from batch {first['batch']}"], "n_tasks": "growing"}
+    else:
+        split = _read_json(Path(cfg.paths.split), "task split")
+        origin = {
+            "dataset_fingerprint": prepared["fingerprint"],
+            "class_order": [prepared["classes"][c] for c in split["class_order"]],
+            "n_tasks": split["n_tasks"],
+        }
     description = {
         "dataset": dataset,
-        "dataset_fingerprint": prepared["fingerprint"],
-        "class_order": [prepared["classes"][c] for c in split["class_order"]],
-        "n_tasks": split["n_tasks"],
+        **origin,
         "backbone": {"arch": cfg.backbone.arch, "sha256": backbone["sha256"]},
         "embed": {"precision": cfg.embed.precision, "on_bad_image": cfg.embed.on_bad_image},
         "method": cfg.method.model_dump(mode="json"),

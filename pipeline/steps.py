@@ -17,10 +17,12 @@ import torch
 from pipeline import backbone as backbone_lib
 from pipeline import embed as embed_lib
 from pipeline import registry
+from pipeline import tasks as tasks_lib
 from pipeline.config import Config
 from pipeline.data import load_prepared, prepare_dataset
 from pipeline.io import write_json
-from pipeline.split import load_split, make_split, seen_classes, task_classes, write_split
+from pipeline.split import load_split, make_split, write_split
+from pipeline.tasks import TaskInputs
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,20 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
 
 
 def run_split(cfg: Config) -> dict[str, Any]:
+    """The benchmark's task split; for the stream, the tasks its ledger holds so far (a
+    record for people and the report: per-task stages read their own manifests)."""
     with Tracker(cfg).step("split", params={"seed": cfg.seed, "split": cfg.split.model_dump(mode="json")}) as run:
-        prepared = load_prepared(cfg.paths.prepared)
-        split = make_split(prepared.classes, cfg.split.n_tasks, cfg.seed, cfg.split.class_order)
+        if cfg.stream:
+            inputs = _seen_inputs(cfg, cfg.split.n_tasks)
+            split = {
+                "seed": cfg.seed, "n_tasks": len(inputs), "mode": "stream",
+                "class_order": [c for t in inputs for c in t.class_ids],
+                "tasks": [t.class_ids for t in inputs],
+                "task_class_names": [t.class_names for t in inputs],
+            }
+        else:
+            prepared = load_prepared(cfg.paths.prepared)
+            split = make_split(prepared.classes, cfg.split.n_tasks, cfg.seed, cfg.split.class_order)
         write_split(cfg.paths.split, split)
         run.log_metrics({"n_tasks": split["n_tasks"], "n_classes": len(split["class_order"])})
         run.set_tag("recall.class_order", ",".join(map(str, split["class_order"])))
@@ -141,13 +154,68 @@ class TaskInputError(ValueError):
     """Inputs of a per-task step that cannot be used; names the task and class."""
 
 
-def _train_embeddings(cfg: Config, sha256: str, classes: list[int]) -> dict[str, torch.Tensor]:
-    data = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "train", sha256, classes=classes)
+def _inputs(cfg: Config, task: int) -> TaskInputs:
+    try:
+        return tasks_lib.task_inputs(cfg, task)
+    except tasks_lib.TaskDefinitionError as exc:
+        raise TaskInputError(str(exc)) from None
+
+
+def _seen_inputs(cfg: Config, task: int) -> list[TaskInputs]:
+    return [_inputs(cfg, t) for t in range(1, task + 1)]
+
+
+def _real_embeddings(folders: list[Path], sha256: str, classes: list[int]) -> dict[str, torch.Tensor]:
+    data = tasks_lib.load_task_embeddings(folders, sha256, classes)
     finite = torch.isfinite(data["embeddings"]).all(dim=1)
     if not finite.all():
         bad = sorted(set(data["labels"][~finite].tolist()))
-        raise TaskInputError(f"NaN or inf in the train embeddings of class(es) {bad} ({cfg.paths.embeddings}/train)")
+        raise TaskInputError(f"NaN or inf in the train embeddings of class(es) {bad} ({', '.join(map(str, folders))})")
     return data
+
+
+def run_intake(cfg: Config, task: int) -> dict[str, Any]:
+    """The stream's task ``task``: embed its batch's train and test images, streamed from
+    the source its manifest names (nothing is copied into the project), and its classes'
+    text features. Earlier batches are never read again."""
+    from pipeline import stream
+    from pipeline.io import write_tensors
+
+    _set_threads()
+    if not cfg.stream:
+        raise TaskInputError("recall intake embeds a stream task's batch; this config is a benchmark (dataset.name != stream)")
+    inputs = _inputs(cfg, task)
+    manifest = stream.load_task_manifest(cfg.paths.tasks, task)
+    tracker = Tracker(cfg)
+    with tracker.step("intake", task=task, params={"embed": cfg.embed.model_dump(mode="json"), "batch": manifest["batch"]}) as run:
+        device = embed_lib.resolve_device(cfg.embed.device)
+        backbone = backbone_lib.load_backbone(cfg.paths.backbone, device=device)
+        source = stream.open_source(manifest["source"], cfg.dataset.endpoint_url)
+        figures: dict[str, float] = {}
+        for split_name, out in (("train", inputs.train), ("test", inputs.test)):
+            index = stream.embed_task(
+                source, manifest, split_name, backbone, out, class_ids=inputs.class_ids,
+                batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, chunk_size=cfg.embed.chunk_size,
+                on_bad_image=cfg.embed.on_bad_image, precision=cfg.embed.precision,
+            )
+            figures[f"{split_name}_samples"] = index["n_samples"]
+            figures[f"{split_name}_skipped"] = len(index["skipped"])
+            figures[f"{split_name}_images_per_second"] = index["images_per_second"]
+        class_features, per_template = embed_lib.class_text_features(backbone, inputs.class_names, list(cfg.dataset.templates))
+        write_tensors(
+            inputs.text,
+            {"class_features": class_features, "template_features": per_template,
+             "class_ids": torch.tensor(inputs.class_ids, dtype=torch.long)},
+            metadata={"backbone_sha256": backbone.sha256, "task": str(task), "task_digest": manifest["digest"],
+                      "class_names": json.dumps(inputs.class_names)},
+        )
+        run.log_metrics(figures, step=task)
+        run.set_tag("recall.batch", manifest["batch"])
+        run.set_tag("recall.backbone_sha256", backbone.sha256)
+        write_json(_metrics_file(cfg, f"intake-{task:02d}"), {"batch": manifest["batch"], **figures})
+        log.info("task %d (%s): %d train and %d test images embedded", task, manifest["batch"],
+                 figures["train_samples"], figures["test_samples"])
+    return figures
 
 
 def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
@@ -159,13 +227,13 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
     _set_threads()
     tracker = Tracker(cfg)
     with tracker.step("generators", task=task, params={"generator": cfg.generator.model_dump(mode="json")}) as run:
-        split = load_split(cfg.paths.split)
-        classes = task_classes(split, task)
+        inputs = _inputs(cfg, task)
+        classes = inputs.class_ids
         sha256 = backbone_lib.read_info(cfg.paths.backbone)["sha256"]
-        data = _train_embeddings(cfg, sha256, classes)
-        run.record_inputs(train_embeddings=Path(cfg.paths.embeddings) / "train")
+        data = _real_embeddings([inputs.train], sha256, classes)
+        run.record_inputs(train_embeddings=inputs.train)
         by_class = {c: data["embeddings"][data["labels"] == c] for c in classes}
-        names = load_prepared(cfg.paths.prepared).classes
+        names = dict(zip(inputs.class_ids, inputs.class_names))
         for c, x in by_class.items():
             if len(x) < 2:
                 raise TaskInputError(
@@ -215,14 +283,14 @@ def run_replay(cfg: Config, task: int) -> dict[str, Any]:
     from pipeline.io import read_tensors, write_tensors
 
     with Tracker(cfg).step("replay", task=task, params={"samples_per_class": cfg.generator.samples_per_class}) as run:
-        split = load_split(cfg.paths.split)
-        seen = seen_classes(split, task)
+        seen_inputs = _seen_inputs(cfg, task)
+        seen = [c for t in seen_inputs for c in t.class_ids]
         start = time.perf_counter()
         previous_path = task_file(cfg.paths.replay, task - 1)
         if not previous_path.exists():
             raise TaskInputError(f"task {task}: no replay pool of task {task - 1} at {previous_path} (run its replay step)")
         previous = read_tensors(previous_path)
-        expected = sorted(seen_classes(split, task - 1)) if task > 1 else []
+        expected = sorted(c for t in seen_inputs[:-1] for c in t.class_ids)
         if sorted(previous["labels"].unique().tolist()) != expected:
             raise TaskInputError(
                 f"task {task}: the replay pool {previous_path} holds classes {sorted(previous['labels'].unique().tolist())}, "
@@ -231,7 +299,7 @@ def run_replay(cfg: Config, task: int) -> dict[str, Any]:
         bank_path = task_file(cfg.paths.generators, task)
         bank = generators.load_bank(bank_path)
         run.record_inputs(previous_pool=previous_path, **{f"generators_task_{task:02d}": bank_path})
-        missing = sorted(set(task_classes(split, task)) - set(bank.class_ids))
+        missing = sorted(set(seen_inputs[-1].class_ids) - set(bank.class_ids))
         if missing:
             raise TaskInputError(f"task {task}: generator bank {bank_path} has no generator for class(es) {missing}")
         x, y = bank.sample(cfg.generator.samples_per_class, seed=cfg.seed * 1000 + task)
@@ -247,24 +315,27 @@ def run_replay(cfg: Config, task: int) -> dict[str, Any]:
     return {"samples": len(labels), "classes": len(seen)}
 
 
-def _prompt_learner(cfg: Config, backbone, text: dict[str, torch.Tensor]):
-    from pipeline.prompts import PromptLearner
-
-    n_ctx = cfg.method.prompt.n_ctx if cfg.method.prompt else 1
-    names = load_prepared(cfg.paths.prepared).classes
-    return PromptLearner(backbone.model, backbone.tokenizer, names, text["class_features"], n_ctx)
+def _feature_dim(backbone) -> int:
+    with torch.no_grad():
+        return int(backbone.model.encode_text(backbone.tokenizer(["a"])).shape[-1])
 
 
 def run_init_prompts(cfg: Config) -> dict[str, Any]:
-    """Task 0: the untrained prompt state every method starts from."""
-    from pipeline.prompts import save_prompt_state
+    """Task 0: the untrained state every method starts from: no class yet (the prompts, the
+    context generator's inputs and the head grow task by task), the generator's weights and
+    the head's attention drawn from the seed."""
+    from pipeline.prompts import PromptLearner, save_prompt_state
 
     with Tracker(cfg).step("prompts-init"):
         backbone = backbone_lib.load_backbone(cfg.paths.backbone)
-        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
-        learner = _prompt_learner(cfg, backbone, text)
+        dim = _feature_dim(backbone)
+        n_ctx = cfg.method.prompt.n_ctx if cfg.method.prompt else 1
+        learner = PromptLearner(backbone.model, backbone.tokenizer, n_ctx=n_ctx, feature_dim=dim)
         learner.reset(cfg.seed)
-        extra, tensors = {}, {}
+        extra, tensors = {}, {
+            "text_mean": torch.zeros(0, dim), "text_variance": torch.zeros(0, dim),
+            "class_task": torch.zeros(0, dtype=torch.long),
+        }
         if cfg.method.head is not None:
             from pipeline.classifier import head_state
             from pipeline.head import ProbabilisticHead
@@ -272,18 +343,14 @@ def run_init_prompts(cfg: Config) -> dict[str, Any]:
             torch.manual_seed(cfg.seed)
             settings = cfg.method.head
             head = ProbabilisticHead(
-                text["class_features"].shape[1], std_floor=settings.std_floor, ff_width=settings.attention_ff_width,
+                dim, std_floor=settings.std_floor, ff_width=settings.attention_ff_width,
                 dropout=settings.attention_dropout, zero_init_attention=settings.zero_init_attention,
                 encoder_bias=settings.encoder_bias,
             )
-            extra, tensors = {"head_tasks": "0"}, head_state(head)
+            extra = {"head_tasks": "0"}
+            tensors.update(head_state(head))
         save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False, extra=extra, extra_tensors=tensors)
-    return {"classes": int(learner.ctx.shape[0])}
-
-
-def _class_task(split: dict, task: int) -> torch.Tensor:
-    """The (1-based) task of every class seen up to ``task``, in seen-class order."""
-    return torch.tensor([t for t, classes in enumerate(split["tasks"][:task], start=1) for _ in classes])
+    return {"classes": 0}
 
 
 def _load_head(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Path, dim: int, expected_tasks: int):
@@ -300,7 +367,7 @@ def _load_head(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Pa
     return load_head(state, dim, expected_tasks, settings.std_floor, settings.attention_dropout, settings.encoder_bias)
 
 
-def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _training_set(cfg: Config, task: int, seen_inputs: list[TaskInputs], sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What the method trains on at this task: nothing, real embeddings or the replay pool."""
     from pipeline.io import read_tensors
 
@@ -308,14 +375,15 @@ def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[tor
     if train_on == "none":
         return None
     if train_on in ("current_real", "all_real"):
-        classes = task_classes(split, task) if train_on == "current_real" else seen_classes(split, task)
-        data = _train_embeddings(cfg, sha256, classes)
+        chosen = seen_inputs[-1:] if train_on == "current_real" else seen_inputs
+        data = _real_embeddings([t.train for t in chosen], sha256, [c for t in chosen for c in t.class_ids])
         return data["embeddings"], data["labels"]
     path = task_file(cfg.paths.replay, task)
     if not path.exists():
         raise TaskInputError(f"task {task}: no replay pool at {path} (run the replay step)")
     pool = read_tensors(path)
-    missing = sorted(set(seen_classes(split, task)) - set(pool["labels"].unique().tolist()))
+    seen = [c for t in seen_inputs for c in t.class_ids]
+    missing = sorted(set(seen) - set(pool["labels"].unique().tolist()))
     if missing:
         raise TaskInputError(f"task {task}: the replay pool {path} has no samples of seen class(es) {missing}")
     if not torch.isfinite(pool["embeddings"]).all():
@@ -323,51 +391,68 @@ def _training_set(cfg: Config, task: int, split: dict, sha256: str) -> tuple[tor
     return pool["embeddings"], pool["labels"]
 
 
+def _previous_state(cfg: Config, task: int, expected_seen: list[int]):
+    from pipeline.prompts import PromptError, load_prompt_state
+
+    path = task_file(cfg.paths.prompts, task - 1)
+    try:
+        state, info = load_prompt_state(path)
+    except PromptError as exc:
+        raise TaskInputError(f"task {task}: {exc}") from None
+    if info["seen"] != expected_seen:
+        raise TaskInputError(
+            f"task {task}: the previous prompt state ({path}) covers classes {info['seen']}, not those of "
+            f"tasks 1..{task - 1} {expected_seen}; re-run the earlier tasks"
+        )
+    return state, info, path
+
+
 def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
-    """Train the prompts of every class seen up to ``task``, from the previous task's state."""
+    """Grow the previous task's state by this task's classes (their prompts, text statistics,
+    a head encoder) and train it on what the method trains on."""
     import time
 
-    from pipeline.prompts import load_prompt_state, save_prompt_state, train_prompts
+    from pipeline.head import text_statistics
+    from pipeline.prompts import learner_from_state, save_prompt_state, train_prompts
 
     _set_threads()
     tracker = Tracker(cfg)
     with tracker.step("finetune", task=task, params={"method": cfg.method.model_dump(mode="json")}) as run:
-        split = load_split(cfg.paths.split)
-        seen = seen_classes(split, task)
+        seen_inputs = _seen_inputs(cfg, task)
+        inputs = seen_inputs[-1]
         backbone = backbone_lib.load_backbone(cfg.paths.backbone)
-        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
-        learner = _prompt_learner(cfg, backbone, text)
-        state, previous = load_prompt_state(task_file(cfg.paths.prompts, task - 1))
-        expected_previous = seen_classes(split, task - 1) if task > 1 else []
-        if previous["seen"] != expected_previous:
-            raise TaskInputError(
-                f"task {task}: the previous prompt state ({task_file(cfg.paths.prompts, task - 1)}) covers "
-                f"classes {previous['seen']}, not those of tasks 1..{task - 1}; re-run the earlier tasks"
-            )
-        learner.load_trainable_state(state)
+        state, previous, previous_path = _previous_state(cfg, task, [c for t in seen_inputs[:-1] for c in t.class_ids])
+        learner = learner_from_state(backbone.model, backbone.tokenizer, state, previous)
+        text = tasks_lib.load_class_text(inputs.text, backbone.sha256, inputs.class_ids)
+        learner.add_classes(inputs.class_ids, inputs.class_names, text["class_features"], seed=cfg.seed)
+        seen = learner.class_ids
+        mean, variance = text_statistics(text["template_features"].float())
+        text_mean = torch.cat([state["text_mean"], mean])
+        text_variance = torch.cat([state["text_variance"], variance])
+        class_task = torch.cat([state["class_task"], torch.full((len(inputs.class_ids),), task, dtype=torch.long)])
         start = time.perf_counter()
-        training = _training_set(cfg, task, split, backbone.sha256)
-        run.record_inputs(previous_state=task_file(cfg.paths.prompts, task - 1), text_features=Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE)
+        training = _training_set(cfg, task, seen_inputs, backbone.sha256)
+        run.record_inputs(previous_state=previous_path, text_features=inputs.text)
         if cfg.method.train_on == "replay":
             run.record_inputs(replay_pool=task_file(cfg.paths.replay, task))
         elif cfg.method.train_on != "none":
-            run.record_inputs(train_embeddings=Path(cfg.paths.embeddings) / "train")
+            run.record_inputs(train_embeddings=inputs.train)
         logit_scale = backbone.model.logit_scale.exp().item()
         losses: list[float] = []
-        extra, tensors = {}, {}
+        extra, tensors = {}, {"text_mean": text_mean, "text_variance": text_variance, "class_task": class_task}
         if cfg.method.head is not None:
             from pipeline.classifier import head_state
-            from pipeline.head import text_statistics, train_with_head
+            from pipeline.head import train_with_head
 
-            head = _load_head(cfg, state, previous, task_file(cfg.paths.prompts, task - 1), learner.class_features.shape[1], task - 1)
-            templates = text["template_features"].float()
-            head.add_task(*text_statistics(templates[torch.tensor(seen)]), seed=cfg.seed * 1000 + task)
+            head = _load_head(cfg, state, previous, previous_path, learner.class_features.shape[1], task - 1)
+            head.add_task(text_mean, text_variance, seed=cfg.seed * 1000 + task)
             if training is not None:
                 losses = train_with_head(
-                    learner, head, *training, seen, _class_task(split, task), task, templates,
+                    learner, head, *training, seen, class_task, task, text_mean, text["template_features"].float(),
                     cfg.method.prompt, cfg.method.head, logit_scale, seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
                 )
-            extra, tensors = {"head_tasks": str(head.n_tasks)}, head_state(head)
+            extra = {"head_tasks": str(head.n_tasks)}
+            tensors.update(head_state(head))
         elif training is not None:
             losses = train_prompts(
                 learner, *training, seen, cfg.method.prompt, logit_scale,
@@ -384,61 +469,98 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
             # The new state is determined by the previous one, what it trained on and the
             # text features, given the lineage (method settings, seed).
             digest = registry.input_digest(tracker.lineage, "prompts", task, {
-                "previous_state": registry.safetensors_digest(task_file(cfg.paths.prompts, task - 1)),
+                "previous_state": registry.safetensors_digest(previous_path),
                 "training_set": registry.tensors_digest({"embeddings": training[0], "labels": training[1]}),
-                "text_features": registry.safetensors_digest(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE),
+                "text_features": registry.tensors_digest(text),
             })
             run.register_model(tracker.model_name("prompts"), [out], tracker.version_tags(task),
                                input_digest=digest, lineage=tracker.lineage)
     return figures
 
 
-def load_classifier(cfg: Config, task: int, backbone, text: dict[str, torch.Tensor], split: dict):
-    """The classifier after task ``task`` over its seen classes, from its saved prompt state."""
+def load_classifier(cfg: Config, task: int, backbone):
+    """The classifier after task ``task`` over its seen classes, from its saved prompt state
+    (which holds every seen class's prompts, zero-shot features and task)."""
     from pipeline.classifier import Classifier
     from pipeline.head import inference_noise
-    from pipeline.prompts import load_prompt_state
+    from pipeline.prompts import PromptError, learner_from_state, load_prompt_state
 
     path = task_file(cfg.paths.prompts, task)
-    state, info = load_prompt_state(path)
-    seen = seen_classes(split, task)
+    try:
+        state, info = load_prompt_state(path)
+    except PromptError as exc:
+        raise TaskInputError(f"task {task}: {exc}") from None
+    seen = [c for t in _seen_inputs(cfg, task) for c in t.class_ids]
     if info["seen"] != seen:
         raise TaskInputError(f"task {task}: the prompt state {path} covers classes {info['seen']}, not the seen classes {seen}")
-    seen_t = torch.tensor(seen)
-    features = text["class_features"][seen_t].float()
+    features = state["class_features"].float()
     if info["trained"]:
-        learner = _prompt_learner(cfg, backbone, text)
-        learner.load_trainable_state(state)
+        learner = learner_from_state(backbone.model, backbone.tokenizer, state, info)
         learner.eval()
         with torch.no_grad():
-            features = learner.features(seen_t)
+            features = learner.features(torch.tensor(seen))
     classifier = Classifier(seen, features, backbone.model.logit_scale.exp().item())
     if cfg.method.head is not None:
         classifier.head = _load_head(cfg, state, info, path, features.shape[1], task)
-        classifier.class_task = _class_task(split, task)
+        classifier.class_task = state["class_task"]
         classifier.noise = inference_noise(cfg.seed, seen, cfg.method.head.mc_test, features.shape[1])
     return classifier
+
+
+def run_novelty(cfg: Config, task: int) -> dict[str, Any]:
+    """Before task ``task`` trains: how the current champion sees the arriving classes. The
+    champion scores the new classes' test images and the test images of the classes it
+    knows; at the threshold that keeps 95% of the known ones, the share of new images it
+    would flag as unknown, and the AUROC of known vs new (per score)."""
+    from pipeline import novelty
+
+    tracker = Tracker(cfg)
+    with tracker.step("novelty", task=task) as run:
+        seen_inputs = _seen_inputs(cfg, task)
+        sha256 = backbone_lib.read_info(cfg.paths.backbone)["sha256"]
+        result = novelty.check_arrival(tracker, task, seen_inputs, sha256)
+        figures = {f"arrival_{k}": v for k, v in result.get("figures", {}).items()}
+        if figures:
+            run.log_metrics(figures, step=task)
+        run.set_tag("recall.arrival_check", result["status"])
+        write_json(task_file(_novelty_folder(cfg), task, ".json"), result)
+        log.info("task %d arrival check: %s", task, result.get("summary", result["status"]))
+    return result
+
+
+def _novelty_folder(cfg: Config) -> str:
+    return str(Path(cfg.paths.metrics) / "arrivals")
 
 
 def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
     """Accuracy, calibration and novel-class detection on the real test embeddings after
     training task ``task``."""
     from pipeline.evaluate import evaluate_task, plot_reliability
+    from pipeline.io import read_json
 
     tracker = Tracker(cfg)
     with tracker.step("evaluate", task=task) as run:
-        split = load_split(cfg.paths.split)
+        seen_inputs = _seen_inputs(cfg, task)
+        inputs = seen_inputs[-1]
+        seen = [c for t in seen_inputs for c in t.class_ids]
         backbone = backbone_lib.load_backbone(cfg.paths.backbone)
-        text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE, backbone.sha256)
-        classifier = load_classifier(cfg, task, backbone, text, split)
-        test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
-        run.record_inputs(test_embeddings=Path(cfg.paths.embeddings) / "test", prompt_state=task_file(cfg.paths.prompts, task))
+        classifier = load_classifier(cfg, task, backbone)
+        # Benchmark: the later tasks' classes are known, and their test images measure
+        # transfer and novel-class detection. The stream never knows what comes next.
+        future = inputs.future_class_ids
+        folders = [t.test for t in seen_inputs] + ([inputs.test] if future else [])
+        test = tasks_lib.load_task_embeddings(folders, backbone.sha256, seen + future)
+        run.record_inputs(test_embeddings=inputs.test, prompt_state=task_file(cfg.paths.prompts, task))
         sample_logits = classifier.sample_logits(test["embeddings"])
-        has_future = task < len(split["tasks"])
-        all_logits = (
-            classifier.all_class_logits(test["embeddings"], text["class_features"], sample_logits) if has_future else None
-        )
-        result = evaluate_task(task, split["tasks"], test["labels"], sample_logits, all_logits)
+        all_logits = None
+        if future:
+            zero_shot = embed_lib.load_text_features(inputs.text, backbone.sha256)["class_features"]
+            all_logits = classifier.all_class_logits(test["embeddings"], zero_shot, sample_logits)
+        task_classes = [t.class_ids for t in seen_inputs]
+        result = evaluate_task(task, task_classes + inputs.future_tasks, test["labels"], sample_logits, all_logits)
+        arrival_path = task_file(_novelty_folder(cfg), task, ".json")
+        if arrival_path.exists():
+            result["arrival"] = read_json(arrival_path)
         result["seconds"] = {
             step: float(_seconds_of(path))
             for step, path in (
@@ -458,6 +580,7 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
         per_task = {"step_accuracy": result["step_accuracy"], "ece": result["calibration"]["ece"]}
         per_task.update({f"accuracy_task_{int(k):02d}": v for k, v in result["accuracy_row"].items()})
         per_task.update({f"novel_auroc_{s}": f["auroc"] for s, f in result.get("novelty", {}).items()})
+        per_task.update({f"arrival_{k}": v for k, v in result.get("arrival", {}).get("figures", {}).items()})
         run.log_pipeline_metrics(per_task, step=task)
         import tempfile
 
@@ -468,12 +591,16 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
                              f"{cfg.method.name} after task {task}")
             run.log_artifact(diagram, "plots")
             if cfg.tracking.register_classifier:
-                result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result, test, split, Path(tmp))
+                names = tasks_lib.class_names(seen_inputs)
+                result["registry"] = _register_classifier(
+                    cfg, tracker, run, task, classifier, backbone, result, test, task_classes, names, Path(tmp)
+                )
     return result
 
 
 def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifier, backbone, result: dict,
-                         test: dict[str, torch.Tensor], split: dict, tmp: Path) -> dict:
+                         test: dict[str, torch.Tensor], task_classes: list[list[int]], names: dict[int, str],
+                         tmp: Path) -> dict:
     """A pyfunc model version of this task's classifier in its lineage's model, aliased
     ``task-<k>``; it takes the ``champion`` alias only if it passes the gate against the
     current champion. A version registered from identical inputs is reused as it is."""
@@ -481,14 +608,13 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
 
     from pipeline import serving
 
-    names = load_prepared(cfg.paths.prepared).classes
     name = tracker.model_name("classifier")
     lineage = tracker.lineage
     known_classes = [names[c] for c in classifier.class_ids]
-    task_tests = registry.task_test_digests(test, split["tasks"][:task], names)
+    task_tests = registry.task_test_digests(test, task_classes, names)
+    # The prompt state holds every seen class's zero-shot features: no other text input.
     digest = registry.input_digest(lineage, "classifier", task, {
         "prompt_state": registry.safetensors_digest(task_file(cfg.paths.prompts, task)),
-        "text_features": registry.safetensors_digest(Path(cfg.paths.embeddings) / embed_lib.TEXT_FILE),
         "test_embeddings": registry.tensors_digest(test),
     })
     registry.ensure_registered_model(tracker.client, name, lineage, description=(
@@ -623,6 +749,10 @@ def run_report(cfg: Config) -> dict[str, Any]:
         report["seconds_per_task"] = {str(e["task"]): e.get("seconds", {}) for e in evaluations}
         headline = {k: report[k] for k in ("average_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer", "transfer", "ece_last", "ece_mean")}
         headline.update({f"novel_auroc_{score}": figures["auroc"] for score, figures in report["novelty"].items()})
+        if report["arrivals"]:
+            arrivals = list(report["arrivals"].values())
+            headline["arrival_flagged_fraction_mean"] = sum(a["flagged_fraction"] for a in arrivals) / len(arrivals)
+            headline["arrival_auroc_mean"] = sum(a["auroc"] for a in arrivals) / len(arrivals)
         write_json(Path(cfg.paths.metrics) / "report.json", {**headline, "method": cfg.method.name, "seed": cfg.seed})
         write_json(Path(cfg.paths.metrics) / "report_details.json", report)
         plots = Path(cfg.paths.plots)
@@ -639,31 +769,41 @@ def run_report(cfg: Config) -> dict[str, Any]:
         _write_csv(plots / "novelty.csv", ["task", "score", "auroc", "aupr", "fpr_at_95_tpr"],
                    [[e["task"], score, *(f"{figures[k]:.4f}" for k in ("auroc", "aupr", "fpr_at_95_tpr"))]
                     for e in evaluations for score, figures in e.get("novelty", {}).items()])
+        _write_csv(plots / "arrivals.csv", ["task", "flagged_fraction", "auroc"],
+                   [[task, f"{f['flagged_fraction']:.4f}", f"{f['auroc']:.4f}"] for task, f in report["arrivals"].items()])
         last = evaluations[-1]["calibration"]
         with atomic_path(plots / "reliability.png") as tmp:
             plot_reliability(last["bins"], last["ece"], tmp, f"{cfg.method.name}, seed {cfg.seed}, all {evaluations[-1]['n_seen_classes']} classes")
         run.log_metrics(headline)
-        for name in ("step_accuracy.csv", "accuracy_matrix.csv", "accuracy_matrix.png", "calibration.csv", "novelty.csv", "reliability.png"):
+        for name in ("step_accuracy.csv", "accuracy_matrix.csv", "accuracy_matrix.png", "calibration.csv", "novelty.csv",
+                     "arrivals.csv", "reliability.png"):
             run.log_artifact(plots / name, "plots")
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
     steps = "  ".join(f"{100 * a:5.1f}" for a in report["step_accuracy"])
-    return "\n".join(
-        [
-            f"method {report['method']}, seed {report['seed']}",
-            f"  per-step accuracy (%): {steps}",
-            f"  average incremental accuracy {100 * report['average_incremental_accuracy']:.1f}%, "
-            f"last {100 * report['last_accuracy']:.1f}%, forgetting {100 * report['forgetting']:.1f} pts, "
-            f"backward transfer {100 * report['backward_transfer']:+.1f} pts, transfer {100 * report['transfer']:.1f}%",
-            f"  calibration error (ECE, 15 bins) after the last task {100 * report['ece_last']:.1f}%, "
-            f"mean over tasks {100 * report['ece_mean']:.1f}%",
+    lines = [
+        f"method {report['method']}, seed {report['seed']}",
+        f"  per-step accuracy (%): {steps}",
+        f"  average incremental accuracy {100 * report['average_incremental_accuracy']:.1f}%, "
+        f"last {100 * report['last_accuracy']:.1f}%, forgetting {100 * report['forgetting']:.1f} pts, "
+        f"backward transfer {100 * report['backward_transfer']:+.1f} pts, transfer {100 * report['transfer']:.1f}%",
+        f"  calibration error (ECE, 15 bins) after the last task {100 * report['ece_last']:.1f}%, "
+        f"mean over tasks {100 * report['ece_mean']:.1f}%",
+    ]
+    if report["novelty"]:  # benchmark mode: the later tasks' classes are known
+        lines.append(
             "  novel-class detection AUROC: "
             + ", ".join(f"{score.replace('_', ' ')} {100 * figures['auroc']:.1f}" for score, figures in report["novelty"].items())
-            + ("" if "sample_variance" in report["novelty"] else " (no sample variance: deterministic method)"),
-        ]
-    )
+            + ("" if "sample_variance" in report["novelty"] else " (no sample variance: deterministic method)")
+        )
+    for task, figures in report.get("arrivals", {}).items():
+        lines.append(
+            f"  task {task} on arrival: the champion flagged {100 * figures['flagged_fraction']:.0f}% of its test "
+            f"images as unknown (AUROC {100 * figures['auroc']:.1f})"
+        )
+    return "\n".join(lines)
 
 
 def summary(cfg: Config) -> str:

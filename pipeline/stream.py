@@ -497,12 +497,15 @@ def judge(scan: BatchScan, earlier: list[dict[str, Any]], source) -> Record:
     if problems:
         entry["reason"] = "; ".join(problems)
         return Record(entry)
+    first_id = sum(len(e.get("classes", [])) for e in earlier if e.get("status") == "accepted")
     manifest = {
         "task": entry["task"],
         "batch": scan.batch,
         "source": source.uri,
         "endpoint_url": endpoint_label(source.endpoint_url) if source.endpoint_url else None,
         "classes": list(scan.classes),
+        # Global class ids: classes are numbered in the order they arrived.
+        "class_ids": list(range(first_id, first_id + len(scan.classes))),
         "digest": scan.digest,
         "files": scan.files,
     }
@@ -783,21 +786,26 @@ class StreamImages(Dataset):
         return tensor, index, error
 
 
-def embed_task(source, manifest: dict[str, Any], split: str, backbone, out: str | Path, **options) -> dict[str, Any]:
+def embed_task(
+    source, manifest: dict[str, Any], split: str, backbone, out: str | Path, class_ids: list[int] | None = None, **options
+) -> dict[str, Any]:
     """Embed one split of a task's images, streamed from the source (nothing is copied into
     the project), into ``out`` as the benchmark's embeddings are stored. Labels are the
-    class's position in ``manifest["classes"]``; the index is keyed by the manifest's
-    digest, so the same task is never embedded twice with the same backbone. ``options``:
-    those of ``embed.embed_images``."""
+    classes' global ids (``class_ids``, in ``manifest["classes"]`` order; default: their
+    positions); the index is keyed by the manifest's digest, so the same task is never
+    embedded twice with the same backbone. ``options``: those of ``embed.embed_images``."""
     from pipeline.embed import embed_images
 
     images = StreamImages(source, manifest, split, backbone.preprocess)
     if not len(images):
         raise DataError(f"task {manifest['task']} ({manifest['batch']}): no {split} images")
+    ids = list(class_ids) if class_ids is not None else list(range(len(manifest["classes"])))
+    if len(ids) != len(manifest["classes"]):
+        raise DataError(f"task {manifest['task']}: {len(ids)} class ids for {len(manifest['classes'])} classes")
     return embed_images(
-        images, labels=images.labels, sample_id=images.sample_id, backbone=backbone, out=out,
-        key={"task": manifest["task"], "split": split, "task_digest": manifest["digest"]},
-        n_classes=len(manifest["classes"]), **options,
+        images, labels=[ids[label] for label in images.labels], sample_id=images.sample_id, backbone=backbone, out=out,
+        key={"task": manifest["task"], "split": split, "task_digest": manifest["digest"], "class_ids": ids},
+        n_classes=max(ids) + 1, **options,
     )
 
 
@@ -811,7 +819,8 @@ def write_demo_batches(
 
     Batch k holds the classes of the benchmark's task k (same seed, same images), under
     ``batch-NNN/train|test/<class>/`` (or ``<class>/`` with ``flat``: the stream's hash
-    split then decides). ``_READY`` is written last. With ``only_next``, one batch per call.
+    split then decides). ``_READY`` is written last. With ``only_next``, one batch per call:
+    the one after the highest-numbered batch in the folder.
     """
     from pipeline.data import shapes as shapes_world
     from pipeline.split import make_split
@@ -822,9 +831,12 @@ def write_demo_batches(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    # A producer moves on: --next writes the batch after the last one it wrote, even when
+    # consumed batches have since been deleted from the folder.
+    last = max((int(p.parent.name.removeprefix("batch-")) for p in folder.glob(f"batch-[0-9][0-9][0-9]/{READY_MARKER}")), default=0)
     for number, task in enumerate(split["tasks"], 1):
         batch = f"batch-{number:03d}"
-        if (folder / batch / READY_MARKER).exists():
+        if (folder / batch / READY_MARKER).exists() or (only_next and number <= last):
             continue
         for label in task:
             name = classes[label]

@@ -151,3 +151,50 @@ def test_fingerprint_ignores_tracking_and_follows_seed(project):
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     assert a.fingerprint("dataset") == c.fingerprint("dataset")
+
+
+def test_stream_demo_world_is_the_demo_world(project):
+    """The stream demo copies the shapes world (Hydra cannot reuse another group's values):
+    the two must not drift apart."""
+    stream = config.load(None, ["experiment=stream_demo"])
+    assert stream.dataset.shapes == config.load(None, []).dataset.shapes
+    assert stream.dataset.templates == config.load(None, []).dataset.templates
+
+
+def _ledger(path, accepted: int, rejected: int = 1) -> None:
+    entries = [{"batch": f"b{i}", "status": "accepted", "task": i} for i in range(1, accepted + 1)]
+    entries += [{"batch": "bad", "status": "rejected", "reason": "empty"}] * rejected
+    path.write_text(yaml.safe_dump({"version": 1, "entries": entries}))
+
+
+def test_stream_tasks_follow_the_ledger_and_name_each_task_s_own_inputs(project):
+    assert config.load(None, ["experiment=stream_demo"]).split.n_tasks == 0  # nothing ingested yet
+    _ledger(project / "ledger.yaml", accepted=2)
+    cfg = config.load(None, ["experiment=stream_demo"])
+    assert cfg.split.n_tasks == 2 and cfg.stream
+    second = cfg.split.tasks["02"]
+    assert (second.classes, second.train, second.text, second.after) == (
+        "data/tasks/task-02.json", "data/embeddings/task-02/train", "data/embeddings/task-02/text.safetensors",
+        "metrics/tasks/task-01.json",
+    )
+    assert cfg.mode_stages.embed == [] and list(cfg.mode_stages.intake) == ["01", "02"]
+    benchmark = config.load(None, [])
+    assert benchmark.split.tasks["02"].train == "data/embeddings/train" and not benchmark.mode_stages.intake
+    assert benchmark.mode_stages.embed == ["train", "test"]
+
+
+def test_ingest_sets_the_task_count_in_params_keeping_overrides(project):
+    params = project / "params.yaml"
+    config.write_params(params, config.compose(["experiment=stream_demo", "dataset.source=s3://b/in", "seed=3"]))
+    assert config.set_task_count(params, 3)
+    cfg = config.load(params)
+    assert (cfg.split.n_tasks, cfg.seed, cfg.dataset.source) == (3, 3, "s3://b/in")
+    assert list(cfg.split.tasks) == list(cfg.mode_stages.intake) == ["01", "02", "03"]
+    assert not config.set_task_count(params, 3)
+
+
+def test_a_hand_edited_task_chain_is_refused(project, tmp_path):
+    raw = config.compose([])
+    raw["split"]["tasks"]["01"]["train"] = "elsewhere"
+    with pytest.raises(ConfigError, match="split.tasks must be the chain"):
+        config.validate(raw)

@@ -14,7 +14,7 @@ from pipeline import steps
 from pipeline.config import ConfigError
 from pipeline.io import read_json, read_tensors, write_tensors
 from pipeline.prompts import PromptLearner, load_prompt_state
-from pipeline.split import SplitError, load_split, seen_classes, task_classes
+from pipeline.split import load_split, seen_classes, task_classes
 from pipeline.steps import TaskInputError, task_file
 
 
@@ -109,6 +109,30 @@ def test_prompt_cut_is_exact(world):
         cut, full = learner.features(ids, cut=True), learner.features(ids, cut=False)
     assert int(learner.eot.max()) + 1 < learner.tokens.shape[1]
     assert (cut - full).abs().max().item() < 1e-5
+
+
+def test_prompts_grow_class_by_class_as_if_known_from_the_start(world):
+    """The class universe grows task by task: a learner that meets classes in two steps
+    holds the same context and gives the same features as one that had them all at once."""
+    from pipeline.prompts import PromptError
+
+    backbone = backbone_lib.load_backbone(world.paths.backbone)
+    text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
+    names, ids = ["red circle", "green square", "blue star", "red cross"], [7, 2, 5, 0]
+    features = text["class_features"][:4]
+    at_once = PromptLearner(backbone.model, backbone.tokenizer, names, features, n_ctx=1, class_ids=ids)
+    at_once.reset(3)
+    grown = PromptLearner(backbone.model, backbone.tokenizer, n_ctx=1, feature_dim=features.shape[1])
+    grown.reset(3)
+    grown.add_classes(ids[:2], names[:2], features[:2], seed=3)
+    grown.add_classes(ids[2:], names[2:], features[2:], seed=3)
+    assert torch.equal(grown.ctx, at_once.ctx) and grown.class_ids == ids
+    with torch.no_grad():
+        assert torch.allclose(grown.features(torch.tensor([5, 7])), at_once.features(torch.tensor([5, 7])))
+    with pytest.raises(PromptError, match=r"class id\(s\) \[2\] already have prompts"):
+        grown.add_classes([2], ["green square"], features[:1], seed=3)
+    with pytest.raises(PromptError, match=r"no prompts for class id\(s\) \[9\]"):
+        grown.features(torch.tensor([9, 7]))
 
 
 def test_prompts_of_the_zero_context_match_plain_text_encoding(world):
@@ -211,7 +235,7 @@ def test_a_replay_pool_missing_a_seen_class_is_named(world):
 
 
 def test_a_task_outside_the_split_is_named(world):
-    with pytest.raises(SplitError, match=r"task 4 is outside the split \(tasks 1\.\.3\)"):
+    with pytest.raises(steps.TaskInputError, match=r"task 4 is not in split.tasks \(tasks 1\.\.3\)"):
         steps.run_fit_generators(world, 4)
 
 

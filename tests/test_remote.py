@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from conftest import REPO, free_port
 from pipeline import devstack
-from test_pipeline_dvc import _env, _ran, repo  # noqa: F401  (repo: the tiny 2-task project fixture)
+from test_pipeline_dvc import _env, _ran
+from test_update_loop import stream_repo  # noqa: F401  (the tiny project in stream mode)
 
 # Sentinels standing in for real credentials: none of them may ever reach .dvc/config.
 KEY_ID, SECRET, REGION = "AKIATESTSENTINEL", "sentinel-secret-value", "eu-west-3"
@@ -157,12 +158,13 @@ def test_remote_outside_a_dvc_project_says_so(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- two machines
 
 BUCKET = "recall-shared"
+# The stream from an S3 source: machine A runs task 1, machine B (a clone) task 2.
 TASK_1_AND_BEFORE = {
-    "prepare", "split", "backbone", "embed@train", "embed@test", "embed-text", "prompts-init", "replay-init",
-    "generators@01", "replay@01", "finetune@01", "evaluate@01",
+    "prepare", "split", "backbone", "prompts-init", "replay-init",
+    "intake@01", "generators@01", "replay@01", "novelty@01", "finetune@01", "evaluate@01", "report",
 }
-# Replay is chained (task NN's pool grows from task NN-1's), so task 1 needs nothing of task 2.
-TASK_2_AND_REPORT = {"generators@02", "replay@02", "finetune@02", "evaluate@02", "report"}
+# Everything that grows is chained, so task 2 needs nothing of task 1 but its outputs.
+TASK_2_AND_REPORT = {"split", "intake@02", "generators@02", "replay@02", "novelty@02", "finetune@02", "evaluate@02", "report"}
 
 
 @pytest.fixture
@@ -199,13 +201,28 @@ def _sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _upload_batch(client, folder: Path, batch: str) -> None:
+    """As a producer does: every image first, ``_READY`` last."""
+    files = sorted(p for p in (folder / batch).rglob("*") if p.is_file() and p.name != "_READY")
+    for path in [*files, folder / batch / "_READY"]:
+        client.put_object(Bucket=BUCKET, Key=f"incoming/{path.relative_to(folder)}", Body=path.read_bytes())
+
+
 @pytest.mark.slow
-def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(repo, tmp_path, s3_endpoint, mlflow_server, monkeypatch):  # noqa: F811
+def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, s3_endpoint, mlflow_server, monkeypatch):  # noqa: F811
+    import boto3
+
     server_uri, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
-    machine_a = repo
-    # Registering a pyfunc version per task costs seconds and is tested elsewhere.
-    _sh(machine_a, "recall", "compose-params", "tracking.register_classifier=false")
+    machine_a, _ = stream_repo
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    batches = tmp_path / "batches"
+    _sh(machine_a, "recall", "stream-demo", str(batches), "--batches", "3")
+    # The stream's images and its authoritative ledger in the bucket. Registering a pyfunc
+    # version per task costs seconds and is tested elsewhere.
+    _sh(machine_a, "recall", "compose-params", "experiment=stream_demo", f"dataset.source=s3://{BUCKET}/incoming",
+        f"dataset.endpoint_url={s3_endpoint}", f"dataset.ledger_uri=s3://{BUCKET}/recall-state/ledger",
+        "tracking.register_classifier=false")
 
     # Machine A: point the project at the bucket, run task 1, share it.
     configured = _sh(machine_a, "recall", "remote", f"s3://{BUCKET}/dvc", "--endpoint-url", s3_endpoint)
@@ -213,34 +230,38 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(repo, tmp_path, s3_endp
     assert push in configured.stdout and pull in configured.stdout
     _sh(machine_a, "git", "add", "-A")
     _sh(machine_a, "git", "commit", "-qm", "shared remote")
+    _upload_batch(client, batches, "batch-001")
     commit_a = _sh(machine_a, "git", "rev-parse", "HEAD").stdout.strip()
-    assert _ran(_sh(machine_a, "dvc", "repro", "evaluate@01").stdout) == TASK_1_AND_BEFORE
+    assert _ran(_sh(machine_a, "recall", "update").stdout) == TASK_1_AND_BEFORE
     _sh(machine_a, *push.split())
-    # dvc.lock, and the `cache: false` outputs (split, metrics, evaluations) that the remote
-    # does not hold: DVC already git-ignores the cached ones, so `git add -A` is the habit.
+    # dvc.lock, the ledger, the task manifest, params.yaml (its task count) and the `cache:
+    # false` outputs (split, metrics, evaluations) that the remote does not hold: DVC
+    # already git-ignores the cached ones, so `git add -A` is the habit.
     _sh(machine_a, "git", "add", "-A")
     _sh(machine_a, "git", "commit", "-qm", "task 1")
     origin = tmp_path / "origin.git"
     _sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
     _sh(machine_a, "git", "push", "-q", str(origin), "HEAD:refs/heads/main")
 
-    import boto3
-
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=BUCKET)["Contents"]]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any(k.startswith("dvc/files/md5/") for k in keys) and any(k.startswith("dvc/runs/") for k in keys), keys
+    assert "recall-state/ledger/entry-000001.json" in keys
 
-    # Machine B: nothing but a clone, the bucket and the MLflow server.
+    # Machine B: nothing but a clone, the bucket and the MLflow server. Batch 2 lands, and
+    # batch 1's images are deleted from the source: machine B never needs them.
     machine_b = tmp_path / "machine-b"
     _sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(machine_b))
     assert not (machine_b / ".dvc" / "cache").exists()
-    # Task 2's stages never ran anywhere: nothing to pull for them (hence --allow-missing).
     _sh(machine_b, *pull.split())
+    _upload_batch(client, batches, "batch-002")
+    for key in [k for k in keys if k.startswith("incoming/batch-001/")]:
+        client.delete_object(Bucket=BUCKET, Key=key)
     commit_b = _sh(machine_b, "git", "rev-parse", "HEAD").stdout.strip()
-    rerun = _sh(machine_b, "dvc", "repro")
+    rerun = _sh(machine_b, "recall", "update")
     assert _ran(rerun.stdout) == TASK_2_AND_REPORT, rerun.stdout
-    assert not _ran(rerun.stdout) & TASK_1_AND_BEFORE
     assert "up to date" in _sh(machine_b, "dvc", "status").stdout
     assert (machine_b / "metrics" / "report.json").exists()
+    assert "recall-state/ledger/entry-000002.json" in [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
 
     for machine in (machine_a, machine_b):
         text = _config_text(machine)
@@ -251,7 +272,7 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(repo, tmp_path, s3_endp
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(server_uri)
-    experiment = client.get_experiment_by_name("recall-shapes-tiny")
+    experiment = client.get_experiment_by_name("recall-stream-tiny")
     steps = [r for r in client.search_runs([experiment.experiment_id], max_results=1000) if r.data.tags.get("recall.role") == "step"]
     by_commit = {}
     for run in steps:

@@ -87,7 +87,6 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     from pipeline import backbone as backbone_lib
     from pipeline import embed as embed_lib
     from pipeline.data import load_prepared
-    from pipeline.split import load_split
     from pipeline.tracking import tracking_uri, using_tracking_uri
 
     from pipeline import config
@@ -113,8 +112,7 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     assert (local / "serving_input_example.json").exists()
 
     backbone = backbone_lib.load_backbone(cfg.paths.backbone)
-    text = embed_lib.load_text_features(Path(cfg.paths.embeddings) / "text.safetensors", backbone.sha256)
-    expected = steps.load_classifier(cfg, 1, backbone, text, load_split(cfg.paths.split))
+    expected = steps.load_classifier(cfg, 1, backbone)
     test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
     x = test["embeddings"][:6]
     out = model.predict(pd.DataFrame({"embedding": [row.tolist() for row in x.double()]}))

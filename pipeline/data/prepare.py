@@ -20,6 +20,7 @@ from pipeline.config import (
     ImageFolderDataset,
     ImageNetRDataset,
     ShapesDataset,
+    StreamDataset,
 )
 from pipeline.data import shapes as shapes_world
 from pipeline.data.manifest import Prepared, Sample, load_prepared, write_manifest
@@ -50,6 +51,8 @@ def prepare_dataset(cfg: Config, out: str | Path | None = None) -> Prepared:
             _prepare_cifar100(dataset, tmp)
         elif isinstance(dataset, ImageNetRDataset):
             _prepare_imagenet_r(dataset, tmp)
+        elif isinstance(dataset, StreamDataset):
+            _prepare_stream(dataset, tmp)
         else:  # pragma: no cover - the config's discriminated union rules this out
             raise DataError(f"no preparation for dataset {dataset.name!r}")
     return load_prepared(out)
@@ -92,6 +95,15 @@ def _prepare_shapes(dataset: ShapesDataset, out: Path) -> None:
         extra={"colors": world.colors, "shapes": world.shapes, "holdout_pairs": sorted(holdout)},
     )
     log.info("shapes: %d classes, %s", len(classes), {k: len(v) for k, v in splits.items()})
+
+
+def _prepare_stream(dataset: StreamDataset, out: Path) -> None:
+    """The stream's classes arrive batch by batch (recall ingest, recall intake); all there
+    is to prepare is the demo world the demo backbone pretrains on, when there is one."""
+    if dataset.shapes is not None:
+        _prepare_shapes(ShapesDataset(name="shapes", shapes=dataset.shapes, templates=dataset.templates), out)
+    else:
+        write_manifest(out, "stream", [], list(dataset.templates), {})
 
 
 # --------------------------------------------------------------------------- image folders

@@ -1,0 +1,97 @@
+"""The arrival check: before a new task trains, the current champion scores its classes.
+
+In production this is the novel-class metric that matters: of the images of classes that
+just arrived, how many would the model in service have flagged as unknown, at the threshold
+that keeps 95% of the images of the classes it knows? And how well does each of its scores
+separate known from new (AUROC)?
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.tasks import TaskInputs, load_task_embeddings
+
+log = logging.getLogger(__name__)
+
+# The score the headline figures use (the others are recorded too).
+HEADLINE_SCORE = "max_probability"
+
+
+def _champion(tracker, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def _download_classifier(tracker, name: str, version: str, folder: Path) -> Path:
+    import mlflow
+
+    from pipeline.serving import CLASSIFIER_FILE
+
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(folder), tracking_uri=tracker.uri
+    ))
+    found = sorted(local.rglob(CLASSIFIER_FILE))
+    if not found:
+        raise FileNotFoundError(f"models:/{name}/{version}: no {CLASSIFIER_FILE} among its artifacts")
+    return found[0]
+
+
+def scores_of(classifier, embeddings) -> dict[str, Any]:
+    """Per image, higher = more surely a known class (as ``evaluate.evaluate_task``'s)."""
+    from pipeline.head import predictive_summary
+
+    summary = predictive_summary(classifier.sample_logits(embeddings))
+    scores = {"max_probability": summary["probs"].max(dim=-1).values, "energy": summary["energy"]}
+    if summary["variance"] is not None:
+        scores["sample_variance"] = -summary["variance"]
+    return scores
+
+
+def check_arrival(tracker, task: int, seen_inputs: list[TaskInputs], backbone_sha256: str) -> dict[str, Any]:
+    from pipeline.evaluate import novelty_detection
+    from pipeline.serving import load_classifier_file
+
+    arriving = seen_inputs[-1]
+    result: dict[str, Any] = {"task": task, "classes": arriving.class_names}
+    name = tracker.model_name("classifier")
+    champion = _champion(tracker, name)
+    if champion is None:
+        return {**result, "status": "no-champion", "summary": f"{name} has no champion yet: nothing to score with"}
+    result.update({"model": name, "champion_version": champion.version})
+    with tempfile.TemporaryDirectory() as tmp:
+        classifier, info = load_classifier_file(_download_classifier(tracker, name, champion.version, Path(tmp)))
+    if info["backbone"]["sha256"] != backbone_sha256:
+        return {**result, "status": "skipped",
+                "summary": f"champion v{champion.version} uses another backbone ({info['backbone']['sha256'][:12]})"}
+    earlier = [c for t in seen_inputs[:-1] for c in t.class_ids]
+    known = [c for c in classifier.class_ids if c in set(earlier)]
+    if not known:
+        return {**result, "status": "skipped", "summary": f"champion v{champion.version} knows none of tasks 1..{task - 1}'s classes"}
+    known_test = load_task_embeddings([t.test for t in seen_inputs[:-1]], backbone_sha256, known)
+    new_test = load_task_embeddings([arriving.test], backbone_sha256, arriving.class_ids)
+    known_scores, new_scores = scores_of(classifier, known_test["embeddings"]), scores_of(classifier, new_test["embeddings"])
+    per_score = {}
+    for score in known_scores:
+        figures = novelty_detection(known_scores[score], new_scores[score])
+        # Accepting 95% of known images accepts fpr_at_95_tpr of the new ones; the rest are flagged.
+        per_score[score] = {"flagged_at_95_tpr": 1.0 - figures["fpr_at_95_tpr"], "auroc": figures["auroc"]}
+    headline = per_score[HEADLINE_SCORE]
+    result.update({
+        "status": "scored",
+        "champion_classes": len(classifier.class_ids),
+        "n_known_images": int(len(known_test["labels"])),
+        "n_new_images": int(len(new_test["labels"])),
+        "scores": per_score,
+        "figures": {"flagged_fraction": headline["flagged_at_95_tpr"], "auroc": headline["auroc"]},
+        "summary": (f"champion v{champion.version} flags {headline['flagged_at_95_tpr']:.0%} of the "
+                    f"{len(new_test['labels'])} new test images as unknown (AUROC {headline['auroc']:.3f})"),
+    })
+    return result

@@ -1,0 +1,121 @@
+"""The update loop end to end: batches arrive in a folder source one at a time and
+`recall update` (what `make update` runs) turns each into the next task, under DVC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_pipeline_dvc import TINY_CONFIG, _env, _merge, _ran, _sh
+
+pytestmark = pytest.mark.slow
+
+STREAM_TINY = {k: v for k, v in TINY_CONFIG.items() if k != "split"}  # the stream's count is the ledger's
+SETUP = {"prepare", "split", "backbone", "replay-init", "prompts-init"}
+
+
+def _task_stages(task: int) -> set[str]:
+    return {f"{step}@{task:02d}" for step in ("intake", "generators", "replay", "novelty", "finetune", "evaluate")}
+
+
+@pytest.fixture
+def stream_repo(tmp_path) -> tuple[Path, Path]:
+    """A copy of the project in stream mode (the tiny demo world as its demo backbone's),
+    with an empty folder source; returns (repo, source)."""
+    root, source = tmp_path / "repo", tmp_path / "source"
+    root.mkdir()
+    source.mkdir()
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    config = yaml.safe_load((root / "conf/config.yaml").read_text())
+    _merge(config, STREAM_TINY)
+    (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _sh(root, "git", "init", "-q")
+    _sh(root, "dvc", "init", "-q")
+    _sh(root, "recall", "compose-params", "experiment=stream_demo", f"dataset.source={source}")
+    _sh(root, "git", "add", "-A")
+    _sh(root, "git", "commit", "-qm", "stream")
+    return root, source
+
+
+def _classifier_versions(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import config
+    from pipeline.registry import model_name
+    from pipeline.tracking import tracking_uri
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = config.load(root / "params.yaml")
+        name = model_name(cfg, "classifier")
+        return list(MlflowClient(tracking_uri(cfg)).search_model_versions(f"name = '{name}'"))
+    finally:
+        os.chdir(cwd)
+
+
+def _next_batch(root: Path, source: Path) -> None:
+    _sh(root, "recall", "stream-demo", str(source), "--batches", "3", "--next")
+
+
+def test_each_batch_becomes_one_task_and_only_its_stages_run(stream_repo):
+    root, source = stream_repo
+    nothing = _sh(root, "recall", "update")
+    assert "no task yet" in nothing.stdout and not _ran(nothing.stdout)
+
+    _next_batch(root, source)
+    first = _sh(root, "recall", "update")
+    assert _ran(first.stdout) == SETUP | _task_stages(1) | {"report"}, first.stdout
+    assert len(_classifier_versions(root)) == 1
+    ledger = yaml.safe_load((root / "ledger.yaml").read_text())
+    assert [e["batch"] for e in ledger["entries"]] == ["batch-001"]
+    # The task's embeddings are in the project; its images are not.
+    assert (root / "data/embeddings/task-01/train/index.json").exists()
+    assert not any(p.suffix == ".png" for p in (root / "data").rglob("*") if "prepared" not in p.parts)
+
+    # Batch 2 lands, and batch 1's images are deleted: nothing later needs them.
+    _next_batch(root, source)
+    shutil.rmtree(source / "batch-001")
+    second = _sh(root, "recall", "update")
+    assert _ran(second.stdout) == {"split"} | _task_stages(2) | {"report"}, second.stdout
+    assert len(_classifier_versions(root)) == 2
+    arrival = yaml.safe_load((root / "metrics/arrivals/task-02.json").read_text())
+    assert arrival["status"] == "scored" and 0.0 <= arrival["figures"]["flagged_fraction"] <= 1.0
+    assert 0.0 <= arrival["figures"]["auroc"] <= 1.0
+    evaluation = yaml.safe_load((root / "metrics/tasks/task-02.json").read_text())
+    assert evaluation["arrival"]["figures"] == arrival["figures"] and evaluation["n_seen_classes"] == 6
+    assert "up to date" in _sh(root, "dvc", "status").stdout
+    again = _sh(root, "recall", "update")
+    assert not _ran(again.stdout) and len(_classifier_versions(root)) == 2
+
+    # Task 3, killed while it finetunes; the next update resumes at that stage.
+    _next_batch(root, source)
+    process = subprocess.Popen(
+        ["recall", "update"], cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("Running stage 'finetune@03'"):
+            time.sleep(1.0)
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait()
+    assert any("finetune@03" in line for line in seen), "".join(seen)
+    resumed = _sh(root, "recall", "update")
+    assert _ran(resumed.stdout) == {"finetune@03", "evaluate@03", "report"}, resumed.stdout
+    versions = _classifier_versions(root)
+    assert sorted(int(v.tags["class_count"]) for v in versions) == [3, 6, 9]
+    assert "up to date" in _sh(root, "dvc", "status").stdout
