@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export HYDRA_FULL_ERROR := 1
 
-.PHONY: demo test test-fast test-full install clean-demo update update-demo stack stack-down
+.PHONY: demo test test-fast test-full install clean-demo update update-demo prefect prefect-down stack stack-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 test-full: test
+
+## Prefect on this machine: server on loopback (sqlite in .prefect/), pools cpu and gpu with a
+## process worker each, the gpu concurrency limit, prefect.yaml's deployments. Port: PREFECT_PORT.
+prefect: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m flows.local up
+
+## Stop what `make prefect` started, by the PIDs in .prefect/.
+prefect-down:
+	$(BIN)/python -m flows.local down
 
 ## The team stack without containers, on 127.0.0.1 (infra/compose.yaml is the one with
 ## containers): PostgreSQL, an S3 API with the buckets, MLflow server, Prefect server (when

@@ -1,6 +1,6 @@
 """Real servers on loopback for tests, benchmarks and development, each stopped by PID: an
-S3 API (moto's server) on a free port, and the whole local stack of `make stack`
-(``LocalStack``: PostgreSQL, S3 API, MLflow server, Prefect server).
+S3 API (moto's server) and a Prefect server on free ports, and the whole local stack of
+`make stack` (``LocalStack``: PostgreSQL, S3 API, MLflow server, Prefect server).
 """
 
 from __future__ import annotations
@@ -62,6 +62,60 @@ def moto_server(log_dir: str | Path, env: dict[str, str] | None = None, timeout:
                     raise RuntimeError(f"moto_server did not start: {log_path.read_text()[-2000:]}") from None
                 time.sleep(0.2)
         yield endpoint
+    finally:
+        stop(server)
+
+
+def prefect_env(home: str | Path, api_url: str | None = None, ui: bool = False) -> dict[str, str]:
+    """Environment for Prefect programs of a local stack: state under ``home`` (a sqlite
+    database), never ~/.prefect, and no telemetry."""
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{Path(home) / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        # Tests need no UI, and serving it costs seconds at start.
+        "PREFECT_UI_ENABLED": "true" if ui else "false",
+    }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def start_prefect_server(home: str | Path, port: int | None = None, timeout: float = 120,
+                         ui: bool = False) -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` on loopback (a free port unless given), logging into
+    ``home``; returns the process (its own process group) and the API URL once healthy."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = home / f"prefect_server-{port}.log"
+    program = Path(sys.executable).parent / "prefect"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [str(program), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **prefect_env(home, ui=ui)}, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2):
+                return server, api_url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop(server)
+                raise RuntimeError(f"prefect server did not start: {log_path.read_text()[-2000:]}") from None
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def prefect_server(home: str | Path, timeout: float = 120) -> Iterator[str]:
+    """A real Prefect server (sqlite under ``home``) on a free loopback port; yields its API URL."""
+    server, api_url = start_prefect_server(home, timeout=timeout)
+    try:
+        yield api_url
     finally:
         stop(server)
 

@@ -1,0 +1,260 @@
+"""Prefect flows over Recall's DVC stages (design section 7).
+
+- ``recall-step``: runs named stages, one Prefect task each, through ``dvc repro
+  --single-item`` (one DVC cache and lock: DVC skips what is up to date). Deployed twice,
+  ``recall-step/cpu`` and ``recall-step/gpu``, one per work pool.
+- ``recall-benchmark``: composes params.yaml from Hydra overrides, then runs every stage
+  that is out of date in dependency order, the GPU families on ``recall-step/gpu``.
+- ``recall-update``: ``recall ingest``, then the stages that became out of date (the new
+  tasks' and the report).
+
+Every stage process gets ``RECALL_PIPELINE_RUN=<flow run id of the top flow>``: the MLflow
+parent run of the whole pipeline run is keyed by it, and tagged ``prefect.flow_run_id``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from flows import reporting, stages as dvc_stages
+
+STEP_FLOW = "recall-step"
+PARAMS_FILE = "params.yaml"
+# The global concurrency limit that keeps one job per GPU (created by `make prefect`).
+GPU_LIMIT = "gpu"
+# Routing of stages: everything in this flow run; GPU families on recall-step/gpu and the
+# rest on recall-step/cpu; only GPU families on their deployment; or "deployments" when the
+# step deployments exist, else "inline" (a flow run without a server's deployments).
+ROUTINGS = ("inline", "deployments", "gpu-deployment", "auto")
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect retries a failed stage only when the failure may pass (S3 or MLflow down, a
+    crashed process, DVC's lock); bad input and setup errors fail at once."""
+    return dvc_stages.is_retryable(state.result(raise_on_failure=False))
+
+
+# DVC is the cache (NO_CACHE): Prefect's default cache key includes the flow run id and
+# would skip a stage that must run again within one flow run.
+@task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+      retry_jitter_factor=0.5, retry_condition_fn=_retry_unless_bad_input, cache_policy=NO_CACHE)
+def dvc_stage(stage: str, project_dir: str, pipeline_run: str) -> str:
+    """One DVC stage; a GPU family holds a slot of the ``gpu`` limit while it runs."""
+    logger = get_run_logger()
+    env = dvc_stages.stage_env(pipeline_run)
+    if dvc_stages.pool_for(stage) == dvc_stages.GPU_POOL:
+        with concurrency(GPU_LIMIT, occupy=1):
+            output = dvc_stages.run_stage(project_dir, stage, env)
+    else:
+        output = dvc_stages.run_stage(project_dir, stage, env)
+    logger.info("%s", output.strip())
+    return output
+
+
+@task(name="task-artifacts", task_run_name="artifacts-{key}", cache_policy=NO_CACHE)
+def publish_task_artifacts(project_dir: str, key: str, pipeline_run: str) -> bool:
+    """A table of task ``key``'s metrics and a note of the gate's decision with MLflow links."""
+    report = reporting.task_report(project_dir, key, pipeline_run)
+    if report is None:
+        get_run_logger().warning("no evaluation file for task %s; no artifacts", key)
+        return False
+    table, markdown = report
+    create_table_artifact(table, key=f"task-{key}-metrics", description=f"Evaluation after task {key}")
+    create_markdown_artifact(markdown, key=f"task-{key}-gate", description=f"Gate decision for task {key}")
+    return True
+
+
+@task(name="recall-command", task_run_name="recall-{args[0]}", retries=2,
+      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=_retry_unless_bad_input,
+      cache_policy=NO_CACHE)
+def recall_command(args: list[str], project_dir: str) -> str:
+    output = dvc_stages.run_recall(project_dir, args, dvc_stages.stage_env(None))
+    get_run_logger().info("%s", output.strip())
+    return output
+
+
+def _compose(project_dir: str, overrides: list[str]) -> None:
+    recall_command(["compose-params", *overrides], project_dir)
+
+
+def _run_inline(stage: str, project_dir: str, pipeline_run: str) -> None:
+    dvc_stage(stage, project_dir, pipeline_run)
+    key = dvc_stages.task_key(stage)
+    if dvc_stages.family(stage) == "evaluate" and key:
+        publish_task_artifacts(project_dir, key, pipeline_run)
+
+
+def route(stage: str, routing: str) -> str | None:
+    """The step deployment that runs ``stage`` under ``routing``, or None for this flow run."""
+    if routing not in ROUTINGS or routing == "auto":
+        raise ValueError(f"routing {routing!r}: expected one of inline, deployments, gpu-deployment")
+    pool = dvc_stages.pool_for(stage)
+    if routing == "deployments" or (routing == "gpu-deployment" and pool == dvc_stages.GPU_POOL):
+        return f"{STEP_FLOW}/{pool}"
+    return None
+
+
+def _resolve_routing(routing: str) -> str:
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing {routing!r}: expected one of {', '.join(ROUTINGS)}")
+    if routing != "auto":
+        return routing
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(f"{STEP_FLOW}/{dvc_stages.GPU_POOL}")
+        except ObjectNotFound:  # no step deployments on this server (an unreachable one raises)
+            return "inline"
+    return "deployments"
+
+
+@task(name="dispatch-stage", task_run_name="{stage} on {deployment}", cache_policy=NO_CACHE)
+def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: str,
+                   params: dict[str, Any]) -> str:
+    """Run ``stage`` as a flow run of a step deployment and wait for it. Not retried here:
+    the step flow retries what is worth retrying itself."""
+    from prefect.deployments import run_deployment
+
+    child = run_deployment(
+        deployment,
+        parameters={"stages": [stage], "params": params, "pipeline_run": pipeline_run, "project_dir": project_dir},
+        flow_run_name=f"{stage} ({pipeline_run[:8]})", poll_interval=2,
+    )
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise dvc_stages.StageRemoteError(
+            stage, f"flow run {child.name} ({child.id}) of {deployment} ended {state}: "
+                   f"{child.state.message if child.state else ''}")
+    return str(child.id)
+
+
+def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, routing: str) -> None:
+    # A step flow run on another machine gets the params this one composed, so both run
+    # the same configuration whatever that machine's params.yaml held.
+    routes = {stage: route(stage, routing) for stage in stage_names}
+    params = _read_params(project_dir) if any(routes.values()) else {}
+    for stage, deployment in routes.items():
+        if deployment is None:
+            _run_inline(stage, project_dir, pipeline_run)
+        else:
+            dispatch_stage(stage, deployment, project_dir, pipeline_run, params)
+
+
+def _read_params(project_dir: str) -> dict[str, Any]:
+    return yaml.safe_load((Path(project_dir) / PARAMS_FILE).read_text())
+
+
+def _use_params(project_dir: str, params: dict[str, Any]) -> None:
+    """Make params.yaml hold ``params``; left untouched when it already does (the usual
+    case: a worker in the checkout that composed them)."""
+    from pipeline.config import write_params
+
+    path = Path(project_dir) / PARAMS_FILE
+    if not path.exists() or yaml.safe_load(path.read_text()) != params:
+        write_params(path, params)
+
+
+def _tag_parent(project_dir: str, pipeline_run: str) -> None:
+    try:
+        run_id = reporting.tag_parent_run(project_dir, pipeline_run, pipeline_run)
+    except Exception as exc:  # the pipeline's result stands; say why the link is missing
+        get_run_logger().warning("could not tag the MLflow parent run of %s: %s", pipeline_run, exc)
+        return
+    if run_id:
+        get_run_logger().info("MLflow parent run %s tagged %s=%s", run_id, reporting.FLOW_RUN_TAG, pipeline_run)
+
+
+def _plan(project_dir: str) -> list[str]:
+    """What is out of date now, and everything downstream of it, from DVC."""
+    pipeline = dvc_stages.discover(project_dir)
+    plan = pipeline.plan(dvc_stages.changed_stages(project_dir))
+    get_run_logger().info("%d of %d stages to run: %s", len(plan), len(pipeline.stages), ", ".join(plan) or "none")
+    return plan
+
+
+@flow(name=STEP_FLOW)
+def recall_step(stages: list[str], overrides: list[str] | None = None, params: dict[str, Any] | None = None,
+                pipeline_run: str | None = None, project_dir: str = ".", push: bool = False) -> list[str]:
+    """Run the named DVC stages in the given order (each skipped by DVC when up to date).
+
+    First, ``overrides`` (Hydra) recompose params.yaml, or ``params`` (a composed config,
+    what the benchmark and update flows send) replace it; ``pipeline_run`` is the MLflow
+    parent-run key of the pipeline run this belongs to (default: this flow run); ``push``
+    sends outputs and run cache to the DVC remote, for a worker whose checkout is not the
+    one that orchestrates."""
+    if overrides is not None and params is not None:
+        raise ValueError("recall-step: give overrides (to compose) or params (composed), not both")
+    key = pipeline_run or str(flow_run.id)
+    if overrides is not None:
+        _compose(project_dir, overrides)
+    elif params is not None:
+        _use_params(project_dir, params)
+    for stage in stages:
+        _run_inline(stage, project_dir, key)
+    if push:
+        subprocess_output = dvc_stages.run_push(project_dir, stages)
+        get_run_logger().info("%s", subprocess_output.strip())
+    if pipeline_run is None:
+        _tag_parent(project_dir, key)
+    return stages
+
+
+@flow(name="recall-benchmark")
+def recall_benchmark(overrides: list[str] | None = None, project_dir: str = ".", routing: str = "auto") -> list[str]:
+    """Compose params.yaml from conf/ and ``overrides`` (``recall compose-params``), then run
+    every stage that is out of date, in dependency order."""
+    key = str(flow_run.id)
+    resolved = _resolve_routing(routing)
+    _compose(project_dir, list(overrides or []))
+    plan = _plan(project_dir)
+    try:
+        run_stages(plan, project_dir, key, resolved)
+    finally:
+        _tag_parent(project_dir, key)
+    return plan
+
+
+@flow(name="recall-update")
+def recall_update(source: str | None = None, overrides: list[str] | None = None, project_dir: str = ".",
+                  routing: str = "auto") -> list[str]:
+    """Take new batches from the stream source (``recall ingest``), then run the stages they
+    made out of date: the new tasks' and the report. ``source`` and ``overrides`` (e.g.
+    ``dataset=stream``), when given, recompose params.yaml first."""
+    key = str(flow_run.id)
+    resolved = _resolve_routing(routing)
+    composed = list(overrides or []) + ([f"dataset.source={source}"] if source else [])
+    if composed:
+        _compose(project_dir, composed)
+    recall_command(["ingest"], project_dir)
+    # Discovered after the ingest: the new tasks' stages exist only from now on.
+    plan = _plan(project_dir)
+    try:
+        run_stages(plan, project_dir, key, resolved)
+    finally:
+        _tag_parent(project_dir, key)
+    return plan
+
+
+if __name__ == "__main__":
+    import sys
+
+    # `python -m flows.recall_flows benchmark [overrides...]`: one flow run without a server's
+    # deployments (every stage inline).
+    name, *args = sys.argv[1:] or ["benchmark"]
+    if name == "benchmark":
+        recall_benchmark(overrides=args, project_dir=str(Path.cwd()), routing="inline")
+    elif name == "update":
+        recall_update(overrides=args or None, project_dir=str(Path.cwd()), routing="inline")
+    else:
+        raise SystemExit(f"unknown flow {name!r}: benchmark or update")
