@@ -38,6 +38,7 @@ NOT_SET_FOR_WORKERS = {
     "PATH": "the image's",
     "PREFECT_PORT": "the port of `make prefect`'s server on a developer's machine",
     "RECALL_EVENTS_TOKEN": "the bucket-event relay's, not a worker's",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "the arrival check turns it off for itself (setdefault)",
 }
 SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "ACCESS_KEY", "TOKEN")
 
