@@ -300,6 +300,18 @@ class EmbedConfig(_Strict):
     device: str = "auto"
 
 
+class ClusterConfig(_Strict):
+    """Scale-out of the embed/intake and generators stages (pipeline.scaleout)."""
+
+    # local: one process, as always; dask: shards through dask.distributed.
+    engine: Literal["local", "dask"] = "local"
+    # A running scheduler (tcp://host:8786); null starts a LocalCluster inside the stage.
+    address: str | None = None
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    connect_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class PathsConfig(_Strict):
     prepared: str
     split: str
@@ -325,6 +337,7 @@ class Config(_Strict):
     schedule: ScheduleConfig
     tracking: TrackingConfig
     embed: EmbedConfig
+    cluster: ClusterConfig = ClusterConfig()
     paths: PathsConfig
     mode_stages: ModeStages
 
