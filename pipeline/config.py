@@ -366,9 +366,10 @@ class Config(_Strict):
         return self
 
     def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all but tracking when none are named)."""
+        """Stable hash of the named sections (when none are named, all but tracking and
+        cluster: where a run is tracked and where it computes never change its results)."""
         data = self.model_dump(mode="json")
-        keys = sections or tuple(k for k in data if k != "tracking")
+        keys = sections or tuple(k for k in data if k not in ("tracking", "cluster"))
         blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
