@@ -300,6 +300,18 @@ class EmbedConfig(_Strict):
     device: str = "auto"
 
 
+class ClusterConfig(_Strict):
+    """Scale-out of the embed/intake and generators stages (pipeline.scaleout)."""
+
+    # local: one process, as always; dask: shards through dask.distributed.
+    engine: Literal["local", "dask"] = "local"
+    # A running scheduler (tcp://host:8786); null starts a LocalCluster inside the stage.
+    address: str | None = None
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    connect_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class PathsConfig(_Strict):
     prepared: str
     split: str
@@ -325,6 +337,7 @@ class Config(_Strict):
     schedule: ScheduleConfig
     tracking: TrackingConfig
     embed: EmbedConfig
+    cluster: ClusterConfig = ClusterConfig()
     paths: PathsConfig
     mode_stages: ModeStages
 
@@ -353,9 +366,10 @@ class Config(_Strict):
         return self
 
     def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all but tracking when none are named)."""
+        """Stable hash of the named sections (when none are named, all but tracking and
+        cluster: where a run is tracked and where it computes never change its results)."""
         data = self.model_dump(mode="json")
-        keys = sections or tuple(k for k in data if k != "tracking")
+        keys = sections or tuple(k for k in data if k not in ("tracking", "cluster"))
         blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pipeline.backbone import Backbone
@@ -59,6 +59,9 @@ class ImageDataset(Dataset):
         path = self.prepared.image_path(self.samples[index])
         tensor, error = decode_image(path, self.preprocess, str(path))
         return tensor, index, error
+
+    def sample_id(self, index: int) -> str:
+        return self.samples[index].sample_id
 
 
 def decode_image(image_file, preprocess, name: str):
@@ -122,12 +125,14 @@ def autocast_for(device: torch.device, precision: str):
 
 def embed_split(prepared: Prepared, split: str, backbone: Backbone, out: str | Path, **options) -> dict[str, Any]:
     """Embed every image of ``split``; reuse ``out`` when it already matches. ``options``:
-    those of ``embed_images`` (batch size, workers, chunk size, on_bad_image, precision)."""
+    those of ``embed_images`` (batch size, workers, chunk size, on_bad_image, precision,
+    a dask client and the backbone's folder)."""
     samples = prepared.samples(split)
+    images = ImageDataset(prepared, samples, backbone.preprocess)
     return embed_images(
-        ImageDataset(prepared, samples, backbone.preprocess),
+        images,
         labels=[s.label for s in samples],
-        sample_id=lambda i: samples[i].sample_id,
+        sample_id=images.sample_id,
         backbone=backbone,
         out=out,
         key={"split": split, "dataset_fingerprint": prepared.fingerprint},
@@ -151,13 +156,21 @@ def embed_images(
     on_bad_image: str = "error",
     precision: str = "auto",
     progress: bool = True,
+    client=None,
+    backbone_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Embed the images of ``dataset`` (items as ``ImageDataset``'s) into bounded parts under
     ``out``, or reuse ``out`` when its index matches ``key`` (what the images are: a split
     and dataset fingerprint, a task manifest's digest), the backbone, chunking, bad-image
     policy and precision. ``labels[i]`` is item ``i``'s label; ``sample_id(i)`` names it in
     errors and in the index's list of skipped images. Parts hold item indices as
-    ``sample_ids``."""
+    ``sample_ids``.
+
+    With a dask ``client`` (``pipeline.scaleout``), contiguous shards of whole batches are
+    encoded on the cluster's workers, each loading the backbone from ``backbone_dir`` (the
+    folder ``backbone`` was loaded from); every batch is the one the single-process path
+    encodes, so the parts written here are the same. ``dataset`` and ``sample_id`` must
+    then pickle, and the files they read be at the same absolute paths on the workers."""
     out = Path(out)
     model = backbone.model
     device = next(model.parameters()).device
@@ -175,16 +188,6 @@ def embed_images(
             log.info("%s: embeddings already match the backbone and data; reusing", out)
             return {**existing, "reused": True}
 
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_images,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
     metadata = {k: str(v) for k, v in key.items()}
     metadata["backbone_sha256"] = backbone.sha256
     where = f"task {key['task']} {key['split']}" if "task" in key else str(key["split"])
@@ -194,6 +197,22 @@ def embed_images(
     buffered = 0
     encode_seconds = 0.0
     start = time.perf_counter()
+    options = {"batch_size": batch_size, "on_bad_image": on_bad_image, "precision": precision, "where": where}
+    if client is None:
+        batches = encode_batches(dataset, model, 0, len(dataset), num_workers=num_workers, sample_id=sample_id,
+                                 skipped=skipped, progress=progress, **options)
+    else:
+        if backbone_dir is None:
+            raise ValueError("embed_images on a dask cluster needs backbone_dir (workers load the backbone themselves)")
+        from pipeline import scaleout
+
+        shards = shard_ranges(len(dataset), batch_size, chunk_size, scaleout.n_workers(client))
+        results = scaleout.map_shards(
+            client, embed_shard, shards, dataset=dataset, sample_id=sample_id, backbone_dir=str(Path(backbone_dir).resolve()),
+            device=str(device), backbone_sha256=backbone.sha256, **options,
+        )
+        results = tqdm(results, total=len(shards), desc=f"embed {where} (dask)", unit="shard", disable=not progress)
+        batches = _shard_batches(results, skipped)
 
     with atomic_dir(out) as tmp:
 
@@ -218,22 +237,13 @@ def embed_images(
             buffer = [(embeddings[cut:], ids[cut:])] if cut < len(ids) else []
             buffered = len(ids) - cut
 
-        with torch.inference_mode():
-            batches = tqdm(loader, desc=f"embed {where}", unit="batch", disable=not progress)
-            for images, indices in screen_bad_images(batches, on_bad_image, f"in {where}", sample_id, skipped):
-                images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                t0 = time.perf_counter()
-                with autocast_for(device, precision):
-                    features = model.encode_image(images)
-                features = features.float().cpu()
-                encode_seconds += time.perf_counter() - t0
-                buffer.append((features, indices))
-                buffered += len(indices)
-                if buffered >= chunk_size:
-                    flush()
-            flush(final=True)
+        for features, indices, seconds in batches:
+            encode_seconds += seconds
+            buffer.append((features, indices))
+            buffered += len(indices)
+            if buffered >= chunk_size:
+                flush()
+        flush(final=True)
 
         elapsed = time.perf_counter() - start
         n = sum(p["n"] for p in parts)
@@ -252,6 +262,96 @@ def embed_images(
         }
         write_json(tmp / INDEX_FILE, index)
     return {**index, "reused": False}
+
+
+def encode_batches(
+    dataset: Dataset,
+    model: torch.nn.Module,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int,
+    num_workers: int,
+    on_bad_image: str,
+    precision: str,
+    where: str,
+    sample_id,
+    skipped: list[str],
+    progress: bool = False,
+):
+    """Yield ``(features, indices, encode_seconds)`` for the items ``start:stop`` of
+    ``dataset``, in batches of ``batch_size`` from ``start`` (CPU float32 features, item
+    indices of ``dataset``); unreadable images go by ``on_bad_image`` into ``skipped``.
+    The one encoding loop: the whole dataset in one process, or a shard on a dask worker."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    items = dataset if (start, stop) == (0, len(dataset)) else Subset(dataset, range(start, stop))
+    loader = DataLoader(
+        items,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    with torch.inference_mode():
+        batches = tqdm(loader, desc=f"embed {where}", unit="batch", disable=not progress)
+        for images, indices in screen_bad_images(batches, on_bad_image, f"in {where}", sample_id, skipped):
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            with autocast_for(device, precision):
+                features = model.encode_image(images)
+            features = features.float().cpu()
+            yield features, indices, time.perf_counter() - t0
+
+
+def shard_ranges(n: int, batch_size: int, chunk_size: int, n_workers: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` shards of ``n`` items, each a whole number of batches
+    (so every batch is the single-process path's), at most about ``chunk_size`` rows (a
+    worker holds one shard's embeddings), and a few per worker to balance the load."""
+    n_batches = -(-n // batch_size)
+    per_shard = max(1, min(chunk_size // batch_size, -(-n_batches // (4 * max(1, n_workers)))))
+    step = per_shard * batch_size
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+_WORKER_BACKBONE: dict[tuple[str, str, str], Backbone] = {}
+
+
+def worker_backbone(folder: str, device: str, sha256: str) -> Backbone:
+    """The backbone in ``folder``, loaded once per worker process (and again only when the
+    folder's weights change)."""
+    from pipeline.backbone import load_backbone, read_info
+
+    key = (folder, device, sha256)
+    if key not in _WORKER_BACKBONE:
+        if read_info(folder)["sha256"] != sha256:
+            raise EmbeddingMismatch(f"{folder}: on this worker the backbone is not {sha256[:12]}; the stage's backbone")
+        _WORKER_BACKBONE.clear()
+        _WORKER_BACKBONE[key] = load_backbone(folder, device=device)
+    return _WORKER_BACKBONE[key]
+
+
+def embed_shard(
+    start: int, stop: int, *, dataset: Dataset, sample_id, backbone_dir: str, device: str, backbone_sha256: str, **options
+) -> dict[str, Any]:
+    """One shard on a dask worker: ``encode_batches`` over items ``start:stop`` with the
+    backbone loaded from its folder. Workers are daemon processes without DataLoader
+    workers of their own: the cluster is the parallelism."""
+    model = worker_backbone(backbone_dir, device, backbone_sha256).model
+    skipped: list[str] = []
+    batches = list(encode_batches(dataset, model, start, stop, num_workers=0, sample_id=sample_id, skipped=skipped, **options))
+    return {"batches": batches, "skipped": skipped}
+
+
+def _shard_batches(results, skipped: list[str]):
+    """The batches of shard results, in order, as ``encode_batches`` yields them."""
+    for result in results:
+        skipped.extend(result["skipped"])
+        yield from result["batches"]
 
 
 def read_index(folder: str | Path, expected_backbone_sha256: str | None = None) -> dict[str, Any]:

@@ -317,10 +317,53 @@ def cache_sized_chunk(settings: VaeGenerator, dim: int) -> int:
     return max(1, CPU_CHUNK_PARAMETER_BYTES // (4 * per_class))
 
 
+def vae_chunks(class_ids: list[int], settings: VaeGenerator, dim: int, chunk_classes: int | None = None) -> list[list[int]]:
+    """The groups of classes fitted together as one batched bank. Seeds are per class, but
+    a bank's floats may still depend on its group (batched kernels, Adam's all-active
+    path), so these boundaries are the unit of work in one process and on a cluster alike."""
+    chunk = chunk_classes or settings.chunk_classes or cache_sized_chunk(settings, dim)
+    return [class_ids[start : start + chunk] for start in range(0, len(class_ids), chunk)]
+
+
+def fit_vae_chunk(
+    data: list[torch.Tensor], class_ids: list[int], *, settings: VaeGenerator, seed: int
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One chunk of classes: the fitted bank's tensors and its classes' final losses."""
+    bank, losses = fit_vae_bank([x.float() for x in data], class_ids, settings, seed)
+    return {k: v.detach().clone() for k, v in bank.state_dict().items()}, losses
+
+
+def fit_mog_class(x: torch.Tensor, class_id: int, *, settings: MogGenerator, seed: int):
+    """One class's diagonal mixture, padded to ``settings.components``: (means, stds,
+    weights, loss)."""
+    from sklearn.mixture import GaussianMixture
+
+    x = x.double().numpy()
+    k = min(settings.components, len(x))
+    gmm = GaussianMixture(k, covariance_type="diag", random_state=(seed * 1_000_003 + class_id) % (2**31), reg_covar=1e-5)
+    gmm.fit(x)
+    pad = settings.components - k
+    means = F.pad(torch.from_numpy(gmm.means_).float(), (0, 0, 0, pad))
+    stds = F.pad(torch.from_numpy(gmm.covariances_).float().sqrt(), (0, 0, 0, pad), value=1.0)
+    weights = F.pad(torch.from_numpy(gmm.weights_).float(), (0, pad))
+    return means, stds, weights, float(-gmm.score(x))
+
+
 def fit_bank(
-    data: dict[int, torch.Tensor], settings: GeneratorSettings, seed: int, chunk_classes: int | None = None
+    data: dict[int, torch.Tensor],
+    settings: GeneratorSettings,
+    seed: int,
+    chunk_classes: int | None = None,
+    client=None,
 ) -> Bank:
-    """Fit the generators of the classes in ``data`` (class id -> embeddings [n, d])."""
+    """Fit the generators of the classes in ``data`` (class id -> embeddings [n, d]).
+
+    With a dask ``client`` (``pipeline.scaleout``), the VAE chunks (``vae_chunks``) and
+    the mixtures' classes are fitted on the cluster's workers, by the same functions and
+    along the same boundaries as in one process, and merged here into one bank: the same
+    tensors either way."""
+    from pipeline.scaleout import run_shards
+
     class_ids = sorted(data)
     if not class_ids:
         raise GeneratorError("no classes to fit")
@@ -333,12 +376,10 @@ def fit_bank(
     dim = data[class_ids[0]].shape[1]
     settings_dict = settings.model_dump(mode="json")
     if isinstance(settings, VaeGenerator):
-        chunk = chunk_classes or settings.chunk_classes or cache_sized_chunk(settings, dim)
+        shards = [([data[c] for c in ids], ids) for ids in vae_chunks(class_ids, settings, dim, chunk_classes)]
         states, losses = [], []
-        for start in range(0, len(class_ids), chunk):
-            ids = class_ids[start : start + chunk]
-            bank, loss = fit_vae_bank([data[c].float() for c in ids], ids, settings, seed)
-            states.append(bank.state_dict())
+        for state, loss in run_shards(client, fit_vae_chunk, shards, settings=settings, seed=seed):
+            states.append(state)
             losses.extend(loss)
         tensors = {k: torch.cat([s[k] for s in states]) for k in states[0]}
         return Bank("vae", class_ids, dim, tensors, settings_dict, losses)
@@ -347,21 +388,9 @@ def fit_bank(
         stds = torch.stack([data[c].float().std(0).clamp_min(1e-6) for c in class_ids])
         return Bank("gauss", class_ids, dim, {"mean": means, "std": stds}, settings_dict, [0.0] * len(class_ids))
     if isinstance(settings, MogGenerator):
-        from sklearn.mixture import GaussianMixture
-
-        means, stds, weights, losses = [], [], [], []
-        for cid in class_ids:
-            x = data[cid].double().numpy()
-            k = min(settings.components, len(x))
-            gmm = GaussianMixture(k, covariance_type="diag", random_state=(seed * 1_000_003 + cid) % (2**31), reg_covar=1e-5)
-            gmm.fit(x)
-            pad = settings.components - k
-            means.append(F.pad(torch.from_numpy(gmm.means_).float(), (0, 0, 0, pad)))
-            stds.append(F.pad(torch.from_numpy(gmm.covariances_).float().sqrt(), (0, 0, 0, pad), value=1.0))
-            weights.append(F.pad(torch.from_numpy(gmm.weights_).float(), (0, pad)))
-            losses.append(float(-gmm.score(x)))
-        tensors = {"means": torch.stack(means), "stds": torch.stack(stds), "weights": torch.stack(weights)}
-        return Bank("mog", class_ids, dim, tensors, settings_dict, losses)
+        fitted = list(run_shards(client, fit_mog_class, [(data[c], c) for c in class_ids], settings=settings, seed=seed))
+        tensors = {name: torch.stack([f[i] for f in fitted]) for i, name in enumerate(("means", "stds", "weights"))}
+        return Bank("mog", class_ids, dim, tensors, settings_dict, [f[3] for f in fitted])
     raise GeneratorError(f"unknown generator settings {settings!r}")  # pragma: no cover
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import backbone as backbone_lib
 from pipeline import embed as embed_lib
-from pipeline import registry
+from pipeline import registry, scaleout
 from pipeline import tasks as tasks_lib
 from pipeline.config import Config
 from pipeline.data import load_prepared, prepare_dataset
@@ -106,18 +106,22 @@ def run_embed(cfg: Config, split: str) -> dict[str, Any]:
     with tracker.step(f"embed-{split}", params={"embed": cfg.embed.model_dump(mode="json")}) as run:
         device = embed_lib.resolve_device(cfg.embed.device)
         backbone = backbone_lib.load_backbone(cfg.paths.backbone, device=device)
-        prepared = load_prepared(cfg.paths.prepared)
-        index = embed_lib.embed_split(
-            prepared,
-            split,
-            backbone,
-            Path(cfg.paths.embeddings) / split,
-            batch_size=cfg.embed.batch_size,
-            num_workers=cfg.embed.num_workers,
-            chunk_size=cfg.embed.chunk_size,
-            on_bad_image=cfg.embed.on_bad_image,
-            precision=cfg.embed.precision,
-        )
+        # Absolute: a cluster's workers read the images from where this process sees them.
+        prepared = load_prepared(Path(cfg.paths.prepared).resolve())
+        with scaleout.cluster_client(cfg.cluster) as client:
+            index = embed_lib.embed_split(
+                prepared,
+                split,
+                backbone,
+                Path(cfg.paths.embeddings) / split,
+                batch_size=cfg.embed.batch_size,
+                num_workers=cfg.embed.num_workers,
+                chunk_size=cfg.embed.chunk_size,
+                on_bad_image=cfg.embed.on_bad_image,
+                precision=cfg.embed.precision,
+                client=client,
+                backbone_dir=cfg.paths.backbone,
+            )
         figures = {
             "n_samples": index["n_samples"],
             "n_skipped": len(index["skipped"]),
@@ -192,15 +196,17 @@ def run_intake(cfg: Config, task: int) -> dict[str, Any]:
         backbone = backbone_lib.load_backbone(cfg.paths.backbone, device=device)
         source = stream.open_source(manifest["source"], cfg.dataset.endpoint_url)
         figures: dict[str, float] = {}
-        for split_name, out in (("train", inputs.train), ("test", inputs.test)):
-            index = stream.embed_task(
-                source, manifest, split_name, backbone, out, class_ids=inputs.class_ids,
-                batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, chunk_size=cfg.embed.chunk_size,
-                on_bad_image=cfg.embed.on_bad_image, precision=cfg.embed.precision,
-            )
-            figures[f"{split_name}_samples"] = index["n_samples"]
-            figures[f"{split_name}_skipped"] = len(index["skipped"])
-            figures[f"{split_name}_images_per_second"] = index["images_per_second"]
+        with scaleout.cluster_client(cfg.cluster) as client:
+            for split_name, out in (("train", inputs.train), ("test", inputs.test)):
+                index = stream.embed_task(
+                    source, manifest, split_name, backbone, out, class_ids=inputs.class_ids,
+                    batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers, chunk_size=cfg.embed.chunk_size,
+                    on_bad_image=cfg.embed.on_bad_image, precision=cfg.embed.precision,
+                    client=client, backbone_dir=cfg.paths.backbone,
+                )
+                figures[f"{split_name}_samples"] = index["n_samples"]
+                figures[f"{split_name}_skipped"] = len(index["skipped"])
+                figures[f"{split_name}_images_per_second"] = index["images_per_second"]
         class_features, per_template = embed_lib.class_text_features(backbone, inputs.class_names, list(cfg.dataset.templates))
         write_tensors(
             inputs.text,
@@ -242,7 +248,8 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
                 )
         start = time.perf_counter()
         try:
-            bank = generators.fit_bank(by_class, cfg.generator, seed=cfg.seed)
+            with scaleout.cluster_client(cfg.cluster) as client:
+                bank = generators.fit_bank(by_class, cfg.generator, seed=cfg.seed, client=client)
         except generators.GeneratorError as exc:
             raise TaskInputError(f"task {task}: {exc}") from None
         seconds = time.perf_counter() - start
