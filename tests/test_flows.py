@@ -396,6 +396,7 @@ def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, time
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, free_port, venv_bin
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 
 def _api(base: str, path: str, body: dict | None = None) -> dict:
