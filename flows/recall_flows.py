@@ -217,12 +217,7 @@ def recall_benchmark(overrides: list[str] | None = None, project_dir: str = ".",
     key = str(flow_run.id)
     resolved = _resolve_routing(routing)
     _compose(project_dir, list(overrides or []))
-    plan = _plan(project_dir)
-    try:
-        run_stages(plan, project_dir, key, resolved)
-    finally:
-        _tag_parent(project_dir, key)
-    return plan
+    return _run_what_is_out_of_date(project_dir, key, resolved)
 
 
 @flow(name="recall-update")
@@ -238,9 +233,14 @@ def recall_update(source: str | None = None, overrides: list[str] | None = None,
         _compose(project_dir, composed)
     recall_command(["ingest"], project_dir)
     # Discovered after the ingest: the new tasks' stages exist only from now on.
+    return _run_what_is_out_of_date(project_dir, key, resolved)
+
+
+def _run_what_is_out_of_date(project_dir: str, key: str, routing: str) -> list[str]:
+    """Plan from DVC's status, run it, and tag the MLflow parent run with this flow run."""
     plan = _plan(project_dir)
     try:
-        run_stages(plan, project_dir, key, resolved)
+        run_stages(plan, project_dir, key, routing)
     finally:
         _tag_parent(project_dir, key)
     return plan
