@@ -70,25 +70,30 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """A copy of the project (code, conf, dvc.yaml) shrunk to a tiny world, under git + DVC."""
-    root = tmp_path / "repo"
+def make_project(root: Path, config_update: dict, *compose_overrides: str) -> Path:
+    """A copy of the project (code, conf, dvc.yaml) with ``config_update`` merged into
+    conf/config.yaml, its params composed with ``compose_overrides``, under git + DVC."""
     root.mkdir()
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "conf", root / "conf")
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
     config = yaml.safe_load((root / "conf/config.yaml").read_text())
-    _merge(config, TINY_CONFIG)
+    _merge(config, config_update)
     (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _sh(root, "git", "init", "-q")
     _sh(root, "dvc", "init", "-q")
     _sh(root, "dvc", "config", "hydra.enabled", "true")
-    _sh(root, "recall", "compose-params")
+    _sh(root, "recall", "compose-params", *compose_overrides)
     _sh(root, "git", "add", "-A")
     _sh(root, "git", "commit", "-qm", "tiny")
     return root
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """The project shrunk to a tiny world, under git + DVC."""
+    return make_project(tmp_path / "repo", TINY_CONFIG)
 
 
 def _ran(output: str) -> set[str]:

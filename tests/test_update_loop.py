@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from test_pipeline_dvc import TINY_CONFIG, _env, _merge, _ran, _sh
+from test_pipeline_dvc import TINY_CONFIG, _env, _ran, _sh, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +27,11 @@ def _task_stages(task: int) -> set[str]:
 
 @pytest.fixture
 def stream_repo(tmp_path) -> tuple[Path, Path]:
-    """A copy of the project in stream mode (the tiny demo world as its demo backbone's),
-    with an empty folder source; returns (repo, source)."""
-    root, source = tmp_path / "repo", tmp_path / "source"
-    root.mkdir()
+    """The project in stream mode (the tiny demo world as its demo backbone's), with an
+    empty folder source; returns (repo, source)."""
+    source = tmp_path / "source"
     source.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "conf", root / "conf")
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
-    config = yaml.safe_load((root / "conf/config.yaml").read_text())
-    _merge(config, STREAM_TINY)
-    (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    _sh(root, "git", "init", "-q")
-    _sh(root, "dvc", "init", "-q")
-    _sh(root, "recall", "compose-params", "experiment=stream_demo", f"dataset.source={source}")
-    _sh(root, "git", "add", "-A")
-    _sh(root, "git", "commit", "-qm", "stream")
+    root = make_project(tmp_path / "repo", STREAM_TINY, "experiment=stream_demo", f"dataset.source={source}")
     return root, source
 
 
