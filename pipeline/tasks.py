@@ -91,15 +91,6 @@ def task_inputs(cfg: Config, task: int) -> TaskInputs:
     )
 
 
-def seen_inputs(cfg: Config, task: int) -> list[TaskInputs]:
-    """Tasks 1..``task``."""
-    return [task_inputs(cfg, t) for t in range(1, task + 1)]
-
-
-def seen_class_ids(cfg: Config, task: int) -> list[int]:
-    return [c for t in seen_inputs(cfg, task) for c in t.class_ids]
-
-
 def class_names(inputs: list[TaskInputs]) -> dict[int, str]:
     return {c: n for t in inputs for c, n in zip(t.class_ids, t.class_names)}
 

@@ -202,22 +202,28 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     assert client.get_registered_model(name).aliases == classifier.aliases
 
 
-def test_interrupted_run_resumes_at_the_interrupted_task(repo):
-    """Kill `dvc repro` while task 2 is being finetuned; the rerun starts there."""
-    env = _env(repo)
+def kill_during(root: Path, command: list[str], stage: str) -> str:
+    """Run ``command`` and kill -9 its whole process group a second into ``stage``; returns
+    the output seen until then."""
     process = subprocess.Popen(
-        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     seen = []
     for line in process.stdout:
         seen.append(line)
-        if line.startswith("Running stage 'finetune@02'"):
+        if line.startswith(f"Running stage '{stage}'"):
             time.sleep(1.0)
             os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait()
-    assert any("finetune@02" in line for line in seen), "".join(seen)
+    assert any(stage in line for line in seen), "".join(seen)
+    return "".join(seen)
+
+
+def test_interrupted_run_resumes_at_the_interrupted_task(repo):
+    """Kill `dvc repro` while task 2 is being finetuned; the rerun starts there."""
+    kill_during(repo, ["dvc", "repro"], "finetune@02")
     rerun = _sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")]
     assert ran[0] == "finetune@02", ran

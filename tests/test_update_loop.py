@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_pipeline_dvc import TINY_CONFIG, _env, _ran, _sh, make_project
+from test_pipeline_dvc import TINY_CONFIG, _ran, _sh, kill_during, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -88,24 +85,12 @@ def test_each_batch_becomes_one_task_and_only_its_stages_run(stream_repo):
 
     # Task 3, killed while it finetunes; the next update resumes at that stage.
     _next_batch(root, source)
-    process = subprocess.Popen(
-        ["recall", "update"], cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if line.startswith("Running stage 'finetune@03'"):
-            time.sleep(1.0)
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert any("finetune@03" in line for line in seen), "".join(seen)
+    seen = kill_during(root, ["recall", "update"], "finetune@03")
     resumed = _sh(root, "recall", "update")
     ran = _ran(resumed.stdout)
     # It resumes at the killed stage: what finished before it is not run again.
     assert {"finetune@03", "evaluate@03", "report"} <= ran <= {"novelty@03", "finetune@03", "evaluate@03", "report"}, ran
-    assert "finetune@03" in "".join(seen) and not {"intake@03", "generators@03", "replay@03"} & ran
+    assert "finetune@03" in seen and not {"intake@03", "generators@03", "replay@03"} & ran
     versions = _classifier_versions(root)
     assert sorted(int(v.tags["class_count"]) for v in versions) == [3, 6, 9]
     assert "up to date" in _sh(root, "dvc", "status").stdout
