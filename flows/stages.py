@@ -173,7 +173,8 @@ def classify_failure(stage: str, returncode: int, output: str) -> StageError:
         code = int(command.group("code"))
         if code == BAD_INPUT_EXIT_CODE:
             return StageBadInput(stage, _cli_error_line(output) or f"its command exited with {code}", output)
-        return StageTransientError(stage, f"its command exited with {code}: {_last_lines(output)}", output)
+        return StageTransientError(stage, f"its command exited with {code}: {_cli_error_line(output) or _last_lines(output)}",
+                                   output)
     if _LOCKED in output:
         return StageTransientError(stage, "DVC's lock is held by another dvc process", output)
     return StageSetupError(stage, f"dvc repro exited with {returncode}: {_last_lines(output)}", output)
@@ -204,7 +205,8 @@ def run_push(project_dir: str | Path, stages: list[str]) -> str:
 
 
 def run_recall(project_dir: str | Path, args: list[str], env: Mapping[str, str]) -> str:
-    """A ``recall`` command outside DVC (compose-params, ingest); exit 2 is bad input."""
+    """A ``recall`` command outside DVC (compose-params, ingest); exit 2 is bad input, any
+    other failure (75: a server does not answer) is worth a retry."""
     program = Path(sys.executable).parent / "recall"
     result = subprocess.run(
         [str(program), *args], cwd=project_dir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -213,8 +215,9 @@ def run_recall(project_dir: str | Path, args: list[str], env: Mapping[str, str])
     if result.returncode == BAD_INPUT_EXIT_CODE:
         raise StageBadInput(f"recall {args[0]}", _cli_error_line(result.stdout) or "bad input", result.stdout)
     if result.returncode != 0:
-        raise StageTransientError(f"recall {args[0]}", f"exited with {result.returncode}: {_last_lines(result.stdout)}",
-                                  result.stdout)
+        raise StageTransientError(
+            f"recall {args[0]}", f"exited with {result.returncode}: {_cli_error_line(result.stdout) or _last_lines(result.stdout)}",
+            result.stdout)
     return result.stdout
 
 

@@ -57,8 +57,14 @@ def _config(params: Path, overrides: Optional[list[str]]):
     return config.load(params, overrides or None)
 
 
+# A server the step needs does not answer (sysexits' EX_TEMPFAIL): worth retrying later,
+# unlike exit 2, the input's fault. The Prefect flows retry the one and not the other.
+UNAVAILABLE_EXIT_CODE = 75
+
+
 def _run(fn):
-    """Run a step; turn the errors users cause into one clear line and exit code 2."""
+    """Run a step; turn the errors users cause into one clear line and exit code 2, and an
+    unreachable server into one line and exit code 75."""
     from pipeline.backbone import BackboneError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
@@ -86,7 +92,8 @@ def _run(fn):
 
             traceback.print_exc()
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+        # A server that does not answer (TrackingServerError, stream.SourceUnreachable).
+        raise typer.Exit(code=UNAVAILABLE_EXIT_CODE if getattr(exc, "temporary", False) else 2) from None
 
 
 @app.callback()
@@ -327,6 +334,22 @@ def ingest(params: Path = ParamsOption, overrides: Optional[list[str]] = Overrid
             )
         else:
             typer.echo(f"{entry['batch']}: rejected: {entry['reason']}")
+    _fail_on_rejected_batches(cfg, entries)
+
+
+def _fail_on_rejected_batches(cfg, entries: list[dict]) -> None:
+    """A batch rejected now is the producer's to fix: say which and why, and exit 2 (bad
+    input), so that cron, CI and the scheduled flow run show it failed, instead of a quiet
+    success that ran nothing. The ledger keeps the rejection and every accepted batch."""
+    rejected = [entry for entry in entries if entry["status"] != "accepted"]
+    if not rejected:
+        return
+    reasons = "; ".join(f"batch {entry['batch']!r} rejected: {entry['reason']}" for entry in rejected)
+    typer.secho(
+        f"error: {reasons} (recorded in {cfg.paths.ledger}; a rejected batch is never taken again: "
+        "fix it and land it under a new batch name)", fg=typer.colors.RED, err=True,
+    )
+    raise typer.Exit(code=2)
 
 
 def _ingest(params: Path, overrides: Optional[list[str]]):
@@ -371,6 +394,7 @@ def update(
     cfg = _run(lambda: config.load(params))
     if cfg.split.n_tasks == 0:
         typer.echo(f"no task yet: no ready batch in {cfg.dataset.source} (a batch is ready once <batch>/_READY exists)")
+        _fail_on_rejected_batches(cfg, entries)
         return
     # The venv's programs first: dvc runs `recall` for every stage.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -379,6 +403,8 @@ def update(
     code = subprocess.call(command, env=env)
     if code:
         raise typer.Exit(code=code)
+    # The accepted batches' tasks ran first: a rejected one holds up nothing.
+    _fail_on_rejected_batches(cfg, entries)
 
 
 @app.command("stream-demo")

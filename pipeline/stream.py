@@ -60,6 +60,13 @@ class SourceError(DataError):
     """A source (or ledger store) that cannot be used at all; names bucket and endpoint."""
 
 
+class SourceUnreachable(SourceError):
+    """The S3 endpoint does not answer: it may be back in a minute (exit 75, retried by the
+    flows), unlike a missing bucket or refused credentials."""
+
+    temporary = True
+
+
 class EntryTaken(Exception):
     """The ledger entry we tried to create exists already: another ingest got there first."""
 
@@ -291,7 +298,7 @@ def call_s3(fn: Callable[[], Any], *, bucket: str, endpoint_url: str | None, mis
     try:
         return fn()
     except (BotoConnectionError, HTTPClientError) as exc:
-        raise SourceError(
+        raise SourceUnreachable(
             f"S3 endpoint {endpoint_label(endpoint_url)} does not answer ({type(exc).__name__}) for bucket "
             f"{bucket!r}; "
             "check dataset.endpoint_url or AWS_ENDPOINT_URL and that the server is running and reachable"

@@ -52,7 +52,9 @@ def tracking_uri_origin(cfg: Config) -> str:
 
 
 class TrackingServerError(Exception):
-    """The MLflow tracking server a step needs does not answer."""
+    """The MLflow tracking server a step needs does not answer (the CLI exits 75: try later)."""
+
+    temporary = True
 
 
 def redact_uri(uri: str) -> str:

@@ -246,6 +246,31 @@ class TestFlowRuns:
         assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
         assert (toy / "report.out").read_text() == "rr"
 
+    def test_update_flow_fails_at_once_on_a_rejected_batch_naming_the_class(self, project):
+        """A batch with a one-image class: the flow run fails on its first try, its message
+        says which batch and class; no stage runs. (A retry would pass: the rejection is
+        already in the ledger; so the failure itself shows there was none.)"""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        from flows import recall_flows
+        from test_stream import write_batch_with_a_one_image_class
+
+        write_batch_with_a_one_image_class(project / "incoming")
+        started = time.monotonic()
+        state = recall_flows.recall_update(overrides=["dataset=stream", "dataset.source=incoming"],
+                                           project_dir=str(project), routing="inline", return_state=True)
+        assert state.is_failed(), state
+        assert "batch 'batch-001' rejected: class 'lonely circle' has 1 training image(s)" in state.message
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        ingest = [run for run in task_runs if run.name == "recall-ingest"]
+        assert len(ingest) == 1 and ingest[0].run_count == 1, [(r.name, r.run_count) for r in task_runs]
+        assert not [run for run in task_runs if run.name.startswith(("dvc-stage", "intake"))]
+        # The first retry would have waited 10 s.
+        assert time.monotonic() - started < 60
+
     def test_auto_routing_is_inline_without_step_deployments(self):
         from flows.recall_flows import _resolve_routing
 

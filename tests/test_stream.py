@@ -285,7 +285,8 @@ def test_unusable_source_is_one_clear_error_in_bounded_time(project, moto_endpoi
     )
     elapsed = time.monotonic() - start
 
-    assert result.exit_code == 2, result.output
+    # 75 (try again later) when the server may come back: the scheduled flow retries it.
+    assert result.exit_code == (75 if failure == "unreachable endpoint" else 2), result.output
     message = result.output.strip()
     assert message.startswith("error:") and message.count("error:") == 1
     assert bucket in message and endpoint in message
@@ -446,6 +447,39 @@ def test_folder_stream_end_to_end_with_the_demo_producer(project):
     images = stream.StreamImages(stream.open_source("incoming"), manifest, "test", lambda im: torch.zeros(1))
     assert len(images) == 3 and all(images[i][2] is None for i in range(3))
 
+
+
+def _write_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+
+
+def write_batch_with_a_one_image_class(source: Path, batch: str = "batch-001") -> None:
+    """A ready batch whose class 'lonely circle' has one training image (and a fine class)."""
+    for name, n_train in (("square", 3), ("lonely_circle", 1)):
+        for i in range(n_train):
+            _write_png(source / batch / "train" / name / f"{i}.png")
+        _write_png(source / batch / "test" / name / "0.png")
+    (source / batch / "_READY").touch()
+
+
+def test_ingest_of_a_bad_batch_fails_naming_batch_and_class_and_records_it_once(project):
+    """Cron and the scheduled flow see a failure, not a quiet success that ran nothing."""
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    stream_cfg = ["dataset=stream", "dataset.source=incoming"]
+    write_batch_with_a_one_image_class(project / "incoming")
+    result = runner.invoke(app, ["ingest", *stream_cfg])
+    assert result.exit_code == 2, result.output
+    assert "batch 'batch-001' rejected: class 'lonely circle' has 1 training image(s)" in result.output
+    assert "new batch name" in result.output
+    ledger = entries(project / "ledger.yaml")
+    assert [(e["batch"], e["status"]) for e in ledger] == [("batch-001", "rejected")]
+    # Recorded once: the next poll is not a failure again.
+    again = runner.invoke(app, ["ingest", *stream_cfg])
+    assert again.exit_code == 0 and "no new ready batches" in again.output, again.output
+    assert entries(project / "ledger.yaml") == ledger
 
 def test_stream_config_needs_a_source(project):
     with pytest.raises(ConfigError, match="source"):
