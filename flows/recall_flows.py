@@ -220,12 +220,24 @@ def recall_benchmark(overrides: list[str] | None = None, project_dir: str = ".",
     return _run_what_is_out_of_date(project_dir, key, resolved)
 
 
+@task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+      retry_condition_fn=_retry_unless_bad_input, cache_policy=NO_CACHE)
+def push_to_remote(project_dir: str) -> str:
+    """Everything the pipeline produced and its run cache, to the project's default DVC
+    remote: another machine (a fresh worker, a colleague's clone) pulls the new task from
+    there instead of recomputing it."""
+    output = dvc_stages.run_push(project_dir, [])
+    get_run_logger().info("%s", output.strip())
+    return output
+
+
 @flow(name="recall-update")
 def recall_update(source: str | None = None, overrides: list[str] | None = None, project_dir: str = ".",
-                  routing: str = "auto") -> list[str]:
+                  routing: str = "auto", push: bool = True) -> list[str]:
     """Take new batches from the stream source (``recall ingest``), then run the stages they
     made out of date: the new tasks' and the report. ``source`` and ``overrides`` (e.g.
-    ``dataset=stream``), when given, recompose params.yaml first."""
+    ``dataset=stream``), when given, recompose params.yaml first. With ``push`` (default)
+    and a default DVC remote in the project, the outputs go to that remote afterwards."""
     key = str(flow_run.id)
     resolved = _resolve_routing(routing)
     composed = list(overrides or []) + ([f"dataset.source={source}"] if source else [])
@@ -233,7 +245,14 @@ def recall_update(source: str | None = None, overrides: list[str] | None = None,
         _compose(project_dir, composed)
     recall_command(["ingest"], project_dir)
     # Discovered after the ingest: the new tasks' stages exist only from now on.
-    return _run_what_is_out_of_date(project_dir, key, resolved)
+    plan = _run_what_is_out_of_date(project_dir, key, resolved)
+    if push and plan:
+        remote = dvc_stages.default_remote(project_dir)
+        if remote:
+            push_to_remote(project_dir)
+        else:
+            get_run_logger().info("no default DVC remote in %s: nothing pushed", project_dir)
+    return plan
 
 
 def _run_what_is_out_of_date(project_dir: str, key: str, routing: str) -> list[str]:

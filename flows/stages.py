@@ -192,15 +192,25 @@ def run_stage(project_dir: str | Path, stage: str, env: Mapping[str, str]) -> st
     return result.stdout
 
 
+def default_remote(project_dir: str | Path) -> str | None:
+    """The name of the project's default DVC remote, or None when it has none."""
+    result = subprocess.run([dvc_program(), "remote", "default"], cwd=project_dir, env=stage_env(None),
+                            capture_output=True, text=True)
+    name = result.stdout.strip()
+    return name if result.returncode == 0 and name else None
+
+
 def run_push(project_dir: str | Path, stages: list[str]) -> str:
-    """Send the stages' outputs and the run cache to the DVC remote (machines share state
-    through it: a later stage elsewhere pulls them)."""
+    """Send the outputs of ``stages`` (all of the project's when empty) and the run cache to
+    the default DVC remote (machines share state through it: a later stage elsewhere pulls
+    them)."""
     result = subprocess.run(
         [dvc_program(), "push", "--run-cache", *stages], cwd=project_dir, env=stage_env(None),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     if result.returncode != 0:
-        raise StageTransientError(",".join(stages), f"dvc push failed: {_last_lines(result.stdout)}", result.stdout)
+        raise StageTransientError(",".join(stages) or "dvc push", f"dvc push failed: {_last_lines(result.stdout)}",
+                                  result.stdout)
     return result.stdout
 
 

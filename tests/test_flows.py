@@ -238,10 +238,15 @@ class TestFlowRuns:
             (Path(project_dir) / "t02.in").write_text("a new batch")
 
         monkeypatch.setattr(recall_flows, "recall_command", fake_ingest)
+        remote = tmp_path / "remote"
+        subprocess.run([DVC, "remote", "add", "-d", "shared", str(remote)], cwd=toy, check=True)
         state = recall_flows.recall_update(project_dir=str(toy), routing="inline", return_state=True)
         assert state.is_completed(), state.message
         assert ingested == [["ingest"]]
         assert state.result() == ["task@02", "report"]
+        # What it made went to the project's DVC remote, for the next machine.
+        pushed = {p.read_text() for p in remote.rglob("*") if p.is_file() and "runs" not in p.parts}
+        assert {str(state.state_details.flow_run_id), "rr"} <= pushed
         assert (toy / "t01.out").read_text() == "before"
         assert (toy / "t02.out").read_text() == str(state.state_details.flow_run_id)
         assert (toy / "report.out").read_text() == "rr"
