@@ -50,6 +50,9 @@ def stack_env(home: str | Path, api_url: str, project_dir: str | Path, extra: Ma
     env.setdefault("RECALL_DVC_REMOTE", "")
     env.setdefault("RECALL_SOURCE", "")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.defpath)}"
+    # The report stage's matplotlib keeps its font cache with the stack's state, not in the
+    # home folder of whoever started the workers.
+    env.setdefault("MPLCONFIGDIR", str(Path(home).resolve() / "matplotlib"))
     env.update(extra or {})
     return env
 
