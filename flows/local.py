@@ -1,6 +1,7 @@
 """A whole Prefect stack for Recall on one machine: server (sqlite, loopback), the ``cpu``
 and ``gpu`` process work pools, the ``gpu`` global concurrency limit, prefect.yaml's
-deployments, and a process worker per pool. ``make prefect`` / ``make prefect-down`` call
+deployments, the automation that marks a flow run whose machine died Crashed, and a
+process worker per pool. ``make prefect`` / ``make prefect-down`` call
 ``python -m flows.local up|down``; the slow test uses the same functions.
 
 Every process is started in its own process group with its PID in ``<home>/*.pid``, and
@@ -22,6 +23,17 @@ from pipeline.devstack import prefect_env, start_prefect_server
 POOLS = ("cpu", "gpu")
 GPU_LIMIT = "gpu"
 DEFAULT_PORT = 4200
+
+# A worker's machine that dies (kill -9, power, OOM killer) reports nothing: its flow run
+# would stay Running for ever. Flow runs of prefect.yaml's deployments send a heartbeat
+# event every HEARTBEAT_SECONDS (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in their job
+# variables, so every worker type and every machine gets it); the automation below marks
+# a run Crashed when neither a heartbeat nor a final state came for CRASH_AFTER_SECONDS
+# (Prefect's "detect zombie flows"). Re-running the deployment then resumes at the
+# stage that was cut short: DVC skips what completed.
+HEARTBEAT_SECONDS = 30
+CRASH_AFTER_SECONDS = 90
+CRASH_AUTOMATION = "recall: crash unresponsive flow runs"
 
 
 def _prefect(*args: str) -> list[str]:
@@ -57,9 +69,65 @@ def stack_env(home: str | Path, api_url: str, project_dir: str | Path, extra: Ma
     return env
 
 
-def configure(project_dir: str | Path, env: Mapping[str, str]) -> None:
-    """Work pools, the GPU limit and every deployment of prefect.yaml, on the server at
-    env's PREFECT_API_URL. Safe to repeat."""
+def crash_automation(within: float = CRASH_AFTER_SECONDS):
+    """The automation that marks a deployment's flow run Crashed when it has sent neither a
+    heartbeat nor a final state for ``within`` seconds after a heartbeat. Only runs of a
+    deployment (prefect.yaml's set the heartbeat): a flow run started by hand beats at
+    Prefect's default pace (180 s in 3.8), which would look dead after ``within``."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    if within <= HEARTBEAT_SECONDS:
+        raise ValueError(f"a crash window of {within} s would crash live flow runs: they beat every {HEARTBEAT_SECONDS} s")
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=(f"A flow run of a deployment that sent no heartbeat (every {HEARTBEAT_SECONDS} s) and no final "
+                     f"state for {within:g} s lost its process (a worker's machine died): mark it Crashed."),
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            match_related={"prefect.resource.role": "deployment"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"No heartbeat for {within:g} s: the flow run's process is gone (its worker's machine died?)",
+        )],
+    )
+
+
+def ensure_crash_automation(within: float = CRASH_AFTER_SECONDS) -> str:
+    """Create the crash automation on the server of this process's Prefect settings, or
+    bring the one of that name up to date; returns "created" or "updated"."""
+    from prefect.client.orchestration import get_client
+
+    automation = crash_automation(within)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(CRASH_AUTOMATION)
+        if not existing:
+            client.create_automation(automation)
+            return "created"
+        first, *duplicates = sorted(existing, key=lambda a: str(a.id))
+        client.update_automation(first.id, automation)
+        for duplicate in duplicates:
+            client.delete_automation(duplicate.id)
+        return "updated"
+
+
+def configure(project_dir: str | Path, env: Mapping[str, str], crash_after: float = CRASH_AFTER_SECONDS) -> None:
+    """Work pools, the GPU limit, every deployment of prefect.yaml and the crash automation
+    (``crash_after`` seconds without a heartbeat), on the server at env's
+    PREFECT_API_URL. Safe to repeat."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
     for pool in POOLS:
         _check(_prefect("work-pool", "create", pool, "--type", "process", "--overwrite"), project_dir, env,
                f"creating work pool {pool!r}")
@@ -68,6 +136,11 @@ def configure(project_dir: str | Path, env: Mapping[str, str]) -> None:
     if created.returncode != 0 and "already exists" not in created.stdout + created.stderr:
         raise RuntimeError(f"creating the {GPU_LIMIT!r} concurrency limit failed: {created.stdout}{created.stderr}")
     _check(_prefect("--no-prompt", "deploy", "--all"), project_dir, env, "prefect deploy --all")
+    server = {PREFECT_API_URL: env["PREFECT_API_URL"]}
+    if env.get("PREFECT_API_AUTH_STRING"):
+        server[PREFECT_API_AUTH_STRING] = env["PREFECT_API_AUTH_STRING"]
+    with temporary_settings(server):
+        ensure_crash_automation(crash_after)
 
 
 def start_worker(pool: str, project_dir: str | Path, env: Mapping[str, str], log_dir: str | Path) -> subprocess.Popen:
@@ -128,11 +201,14 @@ def main(argv: list[str]) -> None:
         print(f"Prefect server {api_url} (UI {api_url.removesuffix('/api')}); "
               f"pools {', '.join(POOLS)} with a worker each; deployments applied; logs in .prefect/")
         print(f"export PREFECT_API_URL={api_url}")
+    elif command == "automation":
+        # The team stack's one-shot deploy (infra/compose.yaml) runs this against its server.
+        print(f"automation {CRASH_AUTOMATION!r}: {ensure_crash_automation()}")
     elif command == "down":
         stopped = down(project_dir)
         print("stopped " + (", ".join(stopped) if stopped else "nothing (no PID files in .prefect/)"))
     else:
-        raise SystemExit(f"unknown command {command!r}: up or down")
+        raise SystemExit(f"unknown command {command!r}: up, down or automation")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ STEP_FLOW = "recall-step"
 PARAMS_FILE = "params.yaml"
 # The global concurrency limit that keeps one job per GPU (created by `make prefect`).
 GPU_LIMIT = "gpu"
+# A slot is leased and the lease renewed while the stage runs; a process killed with its
+# machine renews nothing, and the server takes the slot back this long after (Prefect's
+# default, 300 s, would hold the GPU from the re-run that long; 60 s is the least allowed).
+GPU_LEASE_SECONDS = 60
 # Routing of stages: everything in this flow run; GPU families on recall-step/gpu and the
 # rest on recall-step/cpu; only GPU families on their deployment; or "deployments" when the
 # step deployments exist, else "inline" (a flow run without a server's deployments).
@@ -52,7 +56,7 @@ def dvc_stage(stage: str, project_dir: str, pipeline_run: str) -> str:
     logger = get_run_logger()
     env = dvc_stages.stage_env(pipeline_run)
     if dvc_stages.pool_for(stage) == dvc_stages.GPU_POOL:
-        with concurrency(GPU_LIMIT, occupy=1):
+        with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_SECONDS):
             output = dvc_stages.run_stage(project_dir, stage, env)
     else:
         output = dvc_stages.run_stage(project_dir, stage, env)
