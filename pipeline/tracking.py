@@ -118,6 +118,16 @@ def _probe(url: str, timeout: float) -> str | None:
         return type(exc).__name__
 
 
+def _health_url(uri: str) -> str:
+    """The server's /health URL, without any user:password part (urllib would take it for
+    the host name); /health needs no credentials, and a 401 still proves the server answers."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment=""))
+
+
 def check_tracking_server(uri: str, tracking, origin: str = "tracking.uri or MLFLOW_TRACKING_URI") -> None:
     """Raise TrackingServerError, in bounded time, if ``uri`` is an http(s) MLflow server
     that does not answer. Other stores (sqlite, file) need no server."""
@@ -125,13 +135,7 @@ def check_tracking_server(uri: str, tracking, origin: str = "tracking.uri or MLF
 
     if not uri.lower().startswith(("http://", "https://")):
         return
-    from urllib.parse import urlsplit, urlunsplit
-
-    # Without any user:password part (urllib would take it for the host name); /health
-    # needs no credentials, and a 401 still proves the server answers.
-    parts = urlsplit(uri)
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    url = urlunsplit(parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment=""))
+    url = _health_url(uri)
     tries = tracking.retries + 1
     started = time.monotonic()
     for attempt in range(tries):
@@ -152,6 +156,45 @@ def check_tracking_server(uri: str, tracking, origin: str = "tracking.uri or MLF
         f"({tries} {'try' if tries == 1 else 'tries'} in {time.monotonic() - started:.0f} s). Start it (`make stack` runs one on this "
         "machine), or point tracking.uri / MLFLOW_TRACKING_URI at a running server, or unset both "
         "for the local sqlite store"
+    )
+
+
+def _looks_like_a_lost_server(exc: BaseException) -> bool:
+    """Whether ``exc`` is MLflow failing to get an answer from a server (after its own
+    retries), not an answer it got: MLflow wraps every failed REST request into an
+    MlflowException "API request to <url> failed with ...", whose context is requests'
+    (urllib3's) ConnectionError; artifact uploads may raise requests' errors as they are."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        if isinstance(exc, MlflowException) and str(exc.message).startswith("API request to "):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def lost_server_error(exc: BaseException, uri: str, tracking, origin: str, during: str) -> TrackingServerError | None:
+    """A TrackingServerError for ``exc`` if it is a request to the http(s) server ``uri``
+    that got no answer and the server still does not answer (one /health probe); else None
+    (the server answered, or came back: the original error stands)."""
+    if not uri.lower().startswith(("http://", "https://")) or not _looks_like_a_lost_server(exc):
+        return None
+    try:
+        reason = _probe(_health_url(uri), tracking.connect_timeout_s)
+    except _NotMlflow:
+        reason = "HTTP 404 for /health"
+    if reason is None:
+        return None
+    return TrackingServerError(
+        f"MLflow tracking server {redact_uri(uri)} (from {origin}) stopped answering during {during}: {reason}. "
+        "Start it again (`make stack` runs one on this machine) or point tracking.uri / MLFLOW_TRACKING_URI at "
+        "a running server, then rerun `recall update` or `dvc repro`: it resumes at this stage, and a model "
+        "version registered before the failure is reused, not registered twice"
     )
 
 
@@ -304,8 +347,24 @@ class Tracker:
         bound_mlflow_retries(cfg.tracking)
         check_tracking_server(self.uri, cfg.tracking, tracking_uri_origin(cfg))
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment()
+        with self.server_errors("the step's start"):
+            self.experiment_id = self._experiment()
         self.commit = git_commit()
+
+    @contextlib.contextmanager
+    def server_errors(self, during: str) -> Iterator[None]:
+        """A server that stops answering half-way through a step (after MLflow's own
+        bounded retries) becomes one TrackingServerError line naming it (the CLI exits 75),
+        instead of an MlflowException that ends in urllib3's "Max retries exceeded"."""
+        try:
+            yield
+        except TrackingServerError:
+            raise
+        except Exception as exc:
+            error = lost_server_error(exc, self.uri, self.cfg.tracking, tracking_uri_origin(self.cfg), during)
+            if error is None:
+                raise
+            raise error from exc
 
     def _experiment(self) -> str:
         name = experiment_name(self.cfg)
@@ -380,25 +439,35 @@ class Tracker:
 
     @contextlib.contextmanager
     def step(self, name: str, task: int | None = None, params: Mapping[str, Any] | None = None) -> Iterator[StepRun]:
-        parent = self.parent_run_id()
         run_name = f"task-{task:02d}/{name}" if task is not None else name
-        tags = {
-            **self._common_tags(),
-            "mlflow.parentRunId": parent,
-            "recall.role": "step",
-            "recall.step": name,
-        }
-        if task is not None:
-            tags["recall.task"] = str(task)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.client.update_run(parent, status="RUNNING")
-        step_run = StepRun(self.client, run.info.run_id, parent)
-        if params:
-            step_run.log_params(params)
+        during = f"step {run_name}"
+        with self.server_errors(during):
+            parent = self.parent_run_id()
+            tags = {
+                **self._common_tags(),
+                "mlflow.parentRunId": parent,
+                "recall.role": "step",
+                "recall.step": name,
+            }
+            if task is not None:
+                tags["recall.task"] = str(task)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            self.client.update_run(parent, status="RUNNING")
+            step_run = StepRun(self.client, run.info.run_id, parent)
+            if params:
+                step_run.log_params(params)
         status = "FAILED"
         try:
-            yield step_run
+            with self.server_errors(during):
+                yield step_run
             status = "FINISHED"
         finally:
-            self.client.set_terminated(run.info.run_id, status)
-            self.client.set_terminated(parent, status)
+            try:
+                with self.server_errors(during):
+                    self.client.set_terminated(run.info.run_id, status)
+                    self.client.set_terminated(parent, status)
+            except TrackingServerError:
+                # The step failed already (often because of this same server): its own
+                # error is the one to report. The runs stay RUNNING in MLflow.
+                if status == "FINISHED":
+                    raise

@@ -59,6 +59,32 @@ def test_tracking_server_check_is_bounded_by_config_and_hides_credentials():
     check_tracking_server("sqlite:///nowhere/mlflow.db", tracking)
 
 
+def test_a_server_lost_mid_step_is_a_tracking_server_error_naming_it():
+    """What MLflow raises when the server stops half-way through a step (after its own
+    retries) becomes one TrackingServerError line; any other error is left as it is."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import lost_server_error
+
+    tracking = TrackingConfig(connect_timeout_s=1, retries=1, retry_backoff_s=0)
+    uri = f"http://someone:s3cret@127.0.0.1:{free_port()}"  # nothing listens there
+    lost = MlflowException(
+        f"API request to {uri}/api/2.0/mlflow/runs/set-tag failed with exception HTTPConnectionPool(host='127.0.0.1'): "
+        "Max retries exceeded with url: /api/2.0/mlflow/runs/set-tag"
+    )
+    error = lost_server_error(lost, uri, tracking, "MLFLOW_TRACKING_URI", "step task-01/evaluate")
+    assert error is not None and error.temporary
+    message = str(error)
+    assert "\n" not in message and "s3cret" not in message and "someone" not in message
+    assert f"http://***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in message and "connection refused" in message
+    assert "step task-01/evaluate" in message and "MLFLOW_TRACKING_URI" in message and "Max retries" not in message
+    # The server's own answers, other errors and stores without a server stay as they are.
+    assert lost_server_error(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"), uri, tracking, "x", "y") is None
+    assert lost_server_error(ValueError("bad tensor"), uri, tracking, "x", "y") is None
+    assert lost_server_error(lost, "sqlite:///mlflow.db", tracking, "x", "y") is None
+
+
 def test_mlflow_request_retries_follow_config_unless_the_environment_sets_them(monkeypatch):
     from pipeline.config import TrackingConfig
     from pipeline.tracking import bound_mlflow_retries
