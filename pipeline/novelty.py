@@ -22,15 +22,6 @@ log = logging.getLogger(__name__)
 HEADLINE_SCORE = "max_probability"
 
 
-def _champion(tracker, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracker.client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
-
-
 def _download_classifier(tracker, name: str, version: str, folder: Path) -> Path:
     import mlflow
 
@@ -59,13 +50,14 @@ def scores_of(classifier, embeddings) -> dict[str, Any]:
 
 
 def check_arrival(tracker, task: int, seen_inputs: list[TaskInputs], backbone_sha256: str) -> dict[str, Any]:
+    from pipeline import registry
     from pipeline.evaluate import novelty_detection
     from pipeline.serving import load_classifier_file
 
     arriving = seen_inputs[-1]
     result: dict[str, Any] = {"task": task, "classes": arriving.class_names}
     name = tracker.model_name("classifier")
-    champion = _champion(tracker, name)
+    champion = registry.champion(tracker.client, name)
     if champion is None:
         return {**result, "status": "no-champion", "summary": f"{name} has no champion yet: nothing to score with"}
     result.update({"model": name, "champion_version": champion.version})

@@ -201,6 +201,20 @@ def ensure_registered_model(client, name: str, lineage: Lineage, description: st
             client.set_registered_model_tag(name, key, value)
 
 
+def champion(client, name: str):
+    """The version of ``name`` that holds the ``champion`` alias, or None when no version
+    (or no model) holds it. Any other failure (a server that stopped answering) is raised:
+    read as "no champion", it would let the gate promote a version unchecked."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
 def find_version(client, name: str, digest: str):
     """The earliest version of ``name`` registered from the inputs ``digest``, or None."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{INPUT_DIGEST_TAG}` = '{digest}'")

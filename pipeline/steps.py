@@ -611,8 +611,6 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
     """A pyfunc model version of this task's classifier in its lineage's model, aliased
     ``task-<k>``; it takes the ``champion`` alias only if it passes the gate against the
     current champion. A version registered from identical inputs is reused as it is."""
-    from mlflow.exceptions import MlflowException
-
     from pipeline import serving
 
     name = tracker.model_name("classifier")
@@ -629,10 +627,7 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
         "probabilistic head) over the classes seen so far. Alias task-<k> marks each task's version; champion "
         "the best one that passed the gate."
     ))
-    try:
-        champion = tracker.client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champion = None
+    champion = registry.champion(tracker.client, name)
     champion_version = champion.version if champion is not None else None
 
     existing = registry.find_version(tracker.client, name, digest)

@@ -172,3 +172,24 @@ def test_a_version_measured_on_other_test_images_is_not_compared(world):
     assert second["reasons"][0].startswith("task(s) 1: measured on other classes or test images than the champion's")
     client = _client(cfg)
     assert client.get_model_version_by_alias(second["model"], "champion").version == first[1]["version"]
+
+
+def test_no_champion_only_when_the_registry_says_so_not_when_the_server_is_gone(tmp_path):
+    """A server that drops one request must not read as "no champion yet": the gate would
+    then promote the next version unchecked."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry import champion
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert champion(client, "recall-x-classifier") is None  # no such model yet
+    client.create_registered_model("recall-x-classifier")
+    assert champion(client, "recall-x-classifier") is None  # a model, no alias yet
+
+    class ServerGone:
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/registered-models/alias "
+                                  "failed with exception ConnectionError")
+
+    with pytest.raises(MlflowException, match="API request"):
+        champion(ServerGone(), "recall-x-classifier")
