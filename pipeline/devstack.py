@@ -96,8 +96,10 @@ def start_prefect_server(home: str | Path, port: int | None = None, timeout: flo
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
             [str(program), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **prefect_env(home, ui=ui)}, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # The UI asks the API at PREFECT_UI_API_URL, which otherwise names port 4200
+            # whatever --port says.
+            env={**os.environ, **prefect_env(home, ui=ui), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"},
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     api_url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout
