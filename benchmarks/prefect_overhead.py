@@ -137,9 +137,12 @@ def pipeline_section(args, workdir: Path) -> None:
     print(f"dvc repro (compose-params + repro): {baseline:7.1f} s  ({stages} stages ran)", flush=True)
     if not args.routings:
         return
-    poll = "Prefect's default" if args.worker_poll is None else f"{args.worker_poll:g} s"
-    print(f"through Prefect (workers poll every {poll}):", flush=True)
     results = time_through_prefect(prefect_roots, workdir / "prefect", args.worker_poll)
+    # Imported only now: Prefect reads its home when first imported (the server's, by now).
+    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS
+
+    poll = PREFECT_WORKER_QUERY_SECONDS.value() if args.worker_poll is None else args.worker_poll
+    print(f"through Prefect (workers poll every {poll:g} s):", flush=True)
     for routing, result in results.items():
         print(f"  routing={routing:15s} {result['seconds']:7.1f} s  = {result['seconds'] / baseline:.2f}x dvc repro; "
               f"{result['child_flow_runs']} recall-step flow runs; "
