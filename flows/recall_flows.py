@@ -64,7 +64,7 @@ def dvc_stage(stage: str, project_dir: str, pipeline_run: str) -> str:
     return output
 
 
-@task(name="task-artifacts", task_run_name="artifacts-{key}", cache_policy=NO_CACHE)
+@task(name="task-artifacts", task_run_name="artifacts of task {key}", cache_policy=NO_CACHE)
 def publish_task_artifacts(project_dir: str, key: str, pipeline_run: str) -> bool:
     """A table of task ``key``'s metrics and a note of the gate's decision with MLflow links."""
     report = reporting.task_report(project_dir, key, pipeline_run)
@@ -72,12 +72,15 @@ def publish_task_artifacts(project_dir: str, key: str, pipeline_run: str) -> boo
         get_run_logger().warning("no evaluation file for task %s; no artifacts", key)
         return False
     table, markdown = report
-    create_table_artifact(table, key=f"task-{key}-metrics", description=f"Evaluation after task {key}")
-    create_markdown_artifact(markdown, key=f"task-{key}-gate", description=f"Gate decision for task {key}")
+    create_table_artifact(table, key=f"task-{key}-metrics", description=(
+        f"What evaluate@{key} measured after training on task {key}: accuracy over the classes seen so far, "
+        f"accuracy on each task's classes, calibration (ECE), novelty AUROC, registered model version"))
+    create_markdown_artifact(markdown, key=f"task-{key}-gate", description=(
+        f"Whether task {key}'s model version was promoted to champion, why, and links to its MLflow runs"))
     return True
 
 
-@task(name="recall-command", task_run_name="recall-{args[0]}", retries=2,
+@task(name="recall-command", task_run_name="recall {args[0]}", retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=_retry_unless_bad_input,
       cache_policy=NO_CACHE)
 def recall_command(args: list[str], project_dir: str) -> str:
@@ -133,7 +136,7 @@ def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: 
     child = run_deployment(
         deployment,
         parameters={"stages": [stage], "params": params, "pipeline_run": pipeline_run, "project_dir": project_dir},
-        flow_run_name=f"{stage} ({pipeline_run[:8]})", poll_interval=2,
+        flow_run_name=step_run_name([stage], pipeline_run), poll_interval=2,
     )
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
@@ -153,6 +156,35 @@ def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, rout
             _run_inline(stage, project_dir, pipeline_run)
         else:
             dispatch_stage(stage, deployment, project_dir, pipeline_run, params)
+
+
+# Flow run names say what a run does (Prefect's default is a random "adjective-animal"):
+# made from the run's parameters when it starts.
+def step_run_name(stages: list[str], pipeline_run: str | None) -> str:
+    """``finetune@01 for 1a2b3c4d``: the stages, and the pipeline run (the top flow run's
+    id) they belong to."""
+    names = ", ".join(stages) or "no stages"
+    return f"{names} for {pipeline_run[:8]}" if pipeline_run else names
+
+
+def _described(overrides: list[str] | None) -> str:
+    return " ".join(overrides) if overrides else "conf/ defaults"
+
+
+def _step_run_name() -> str:
+    parameters = flow_run.parameters
+    return step_run_name(list(parameters.get("stages") or []), parameters.get("pipeline_run"))
+
+
+def _benchmark_run_name() -> str:
+    parameters = flow_run.parameters
+    return f"benchmark: {_described(parameters.get('overrides'))}, routing {parameters.get('routing', 'auto')}"
+
+
+def _update_run_name() -> str:
+    parameters = flow_run.parameters
+    source = parameters.get("source") or "params.yaml's dataset.source"
+    return f"update from {source}: {_described(parameters.get('overrides'))}"
 
 
 def _read_params(project_dir: str) -> dict[str, Any]:
@@ -187,7 +219,7 @@ def _plan(project_dir: str) -> list[str]:
     return plan
 
 
-@flow(name=STEP_FLOW)
+@flow(name=STEP_FLOW, flow_run_name=_step_run_name)
 def recall_step(stages: list[str], overrides: list[str] | None = None, params: dict[str, Any] | None = None,
                 pipeline_run: str | None = None, project_dir: str = ".", push: bool = False) -> list[str]:
     """Run the named DVC stages in the given order (each skipped by DVC when up to date).
@@ -214,7 +246,7 @@ def recall_step(stages: list[str], overrides: list[str] | None = None, params: d
     return stages
 
 
-@flow(name="recall-benchmark")
+@flow(name="recall-benchmark", flow_run_name=_benchmark_run_name)
 def recall_benchmark(overrides: list[str] | None = None, project_dir: str = ".", routing: str = "auto") -> list[str]:
     """Compose params.yaml from conf/ and ``overrides`` (``recall compose-params``), then run
     every stage that is out of date, in dependency order."""
@@ -235,7 +267,7 @@ def push_to_remote(project_dir: str) -> str:
     return output
 
 
-@flow(name="recall-update")
+@flow(name="recall-update", flow_run_name=_update_run_name)
 def recall_update(source: str | None = None, overrides: list[str] | None = None, project_dir: str = ".",
                   routing: str = "auto", push: bool = True) -> list[str]:
     """Take new batches from the stream source (``recall ingest``), then run the stages they

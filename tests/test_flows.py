@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -270,7 +269,7 @@ class TestFlowRuns:
         with get_client(sync_client=True) as client:
             task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        ingest = [run for run in task_runs if run.name == "recall-ingest"]
+        ingest = [run for run in task_runs if run.name == "recall ingest"]
         assert len(ingest) == 1 and ingest[0].run_count == 1, [(r.name, r.run_count) for r in task_runs]
         assert not [run for run in task_runs if run.name.startswith(("dvc-stage", "intake"))]
         # The first retry would have waited 10 s.
@@ -362,27 +361,15 @@ def test_prefect_yaml_deployments_match_the_flows():
 
 
 def _tiny_project(root: Path) -> Path:
-    """The project (code, conf, dvc.yaml, prefect.yaml) shrunk to the tiny world of
-    test_pipeline_dvc, under git + DVC."""
-    from test_pipeline_dvc import TINY_CONFIG, _merge
+    """The project (code, conf, dvc.yaml, prefect.yaml) shrunk to the tiny world, under git
+    + DVC; params.yaml is the flow run's to compose."""
+    from pipeline.devstack import TINY_CONFIG, merge_config, scratch_project
 
-    root.mkdir()
-    for folder in ("pipeline", "conf", "flows"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "prefect.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root)
-    config = yaml.safe_load((root / "conf/config.yaml").read_text())
-    _merge(config, TINY_CONFIG)
+    config = json.loads(json.dumps(TINY_CONFIG))
     # One task: every kind of stage runs once (the per-task chain is test_pipeline_dvc's).
-    _merge(config, {"split": {"n_tasks": 1}})
-    (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    return root
+    merge_config(config, {"split": {"n_tasks": 1}})
+    return scratch_project(root, config, folders=("pipeline", "conf", "flows"),
+                           files=("dvc.yaml", "prefect.yaml", ".gitignore"))
 
 
 def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, timeout: float = 60) -> list:

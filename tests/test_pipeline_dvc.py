@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,27 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, venv_bin
+from conftest import venv_bin
+from pipeline import devstack
+from pipeline.devstack import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
 
-TINY_CONFIG = {
-    "dataset": {
-        "shapes": {
-            "colors": ["red", "green", "blue"],
-            "shapes": ["circle", "square", "triangle"],
-            "holdout_pairs": ["green square"],
-            "train_per_class": 6,
-            "test_per_class": 3,
-            "pretrain_per_class": 6,
-        }
-    },
-    "split": {"n_tasks": 2},
-    "backbone": {"pretrain": {"epochs": 1, "batch_size": 16, "warmup_steps": 1}},
-    "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 10},
-    "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4, "samples_per_class": 12},
-    "method": {"prompt": {"epochs": 2, "batch_size": 16, "per_class_per_epoch": 8}},
-}
 PER_TASK = ("generators", "replay", "novelty", "finetune", "evaluate")
 TASKS = (1, 2)
 ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embed-text@all", "prompts-init", "replay-init", "report"} | {
@@ -41,18 +25,8 @@ ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embe
 }
 
 
-def _env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("RECALL_CONF_DIR", None)
-    env["PATH"] = f"{venv_bin()}{os.pathsep}{env['PATH']}"
-    # `recall` (a console script) would import the editable install's `pipeline`; the stages
-    # must run the copy under test.
-    env["PYTHONPATH"] = str(root)
-    env.update(
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
-    return env
+# The commands of a scratch project: its own code, the venv's programs.
+_env = devstack.project_env
 
 
 def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,32 +36,10 @@ def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProces
     return result
 
 
-def _merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def make_project(root: Path, config_update: dict, *compose_overrides: str) -> Path:
     """A copy of the project (code, conf, dvc.yaml) with ``config_update`` merged into
     conf/config.yaml, its params composed with ``compose_overrides``, under git + DVC."""
-    root.mkdir()
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "conf", root / "conf")
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
-    config = yaml.safe_load((root / "conf/config.yaml").read_text())
-    _merge(config, config_update)
-    (root / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    _sh(root, "git", "init", "-q")
-    _sh(root, "dvc", "init", "-q")
-    _sh(root, "dvc", "config", "hydra.enabled", "true")
-    _sh(root, "recall", "compose-params", *compose_overrides)
-    _sh(root, "git", "add", "-A")
-    _sh(root, "git", "commit", "-qm", "tiny")
-    return root
+    return devstack.scratch_project(root, config_update, compose=list(compose_overrides))
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, venv_bin
-from test_pipeline_dvc import _sh, make_project
+from conftest import free_port
+from test_pipeline_dvc import _sh
 from test_update_loop import STREAM_TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -63,7 +63,7 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.local import POOLS, configure, stack_env, start_worker
-    from pipeline.devstack import LocalStack, stop
+    from pipeline.devstack import LocalStack, scratch_project, stop
     from test_update_loop import _classifier_versions
 
     started = time.monotonic()
@@ -98,9 +98,8 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
         # The project: the stream demo reading the bucket, its authoritative ledger there too.
         overrides = ["experiment=stream_demo", f"dataset.source={SOURCE}", f"dataset.endpoint_url={s3_endpoint}",
                      f"dataset.ledger_uri={LEDGER}"]
-        repo = make_project(stack.root / "repo", STREAM_TINY, *overrides)
-        shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(REPO / "prefect.yaml", repo)
+        repo = scratch_project(stack.root / "repo", STREAM_TINY, compose=overrides, folders=("pipeline", "conf", "flows"),
+                               files=("dvc.yaml", ".gitignore", "prefect.yaml"))
         _sh(repo, "recall", "remote", DVC_REMOTE, "--endpoint-url", s3_endpoint)
         _sh(repo, "git", "add", "-A")
         _sh(repo, "git", "commit", "-qm", "the team's stream, remote and deployments")
