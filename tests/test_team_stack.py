@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
