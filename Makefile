@@ -54,8 +54,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-## Everything, including the tests that bring up a whole stack (a Prefect server with
-## workers running the demo, PostgreSQL-backed servers): about 8 more minutes.
+## Everything, including the tests that bring up a whole stack (Prefect servers with workers
+## running the demo, a worker killed mid-stage, the PostgreSQL-backed team stack running two
+## batches): about 20 more minutes on 2 cores.
 test-full: $(STAMP) postgres
 	$(BIN)/python -m pytest
 
