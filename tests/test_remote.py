@@ -201,11 +201,11 @@ def _sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _upload_batch(client, folder: Path, batch: str) -> None:
-    """As a producer does: every image first, ``_READY`` last."""
+def upload_batch(client, folder: Path, batch: str, bucket: str = BUCKET) -> None:
+    """As a producer does: every image first, ``_READY`` last, under ``incoming/``."""
     files = sorted(p for p in (folder / batch).rglob("*") if p.is_file() and p.name != "_READY")
     for path in [*files, folder / batch / "_READY"]:
-        client.put_object(Bucket=BUCKET, Key=f"incoming/{path.relative_to(folder)}", Body=path.read_bytes())
+        client.put_object(Bucket=bucket, Key=f"incoming/{path.relative_to(folder)}", Body=path.read_bytes())
 
 
 @pytest.mark.slow
@@ -230,7 +230,7 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, 
     assert push in configured.stdout and pull in configured.stdout
     _sh(machine_a, "git", "add", "-A")
     _sh(machine_a, "git", "commit", "-qm", "shared remote")
-    _upload_batch(client, batches, "batch-001")
+    upload_batch(client, batches, "batch-001")
     commit_a = _sh(machine_a, "git", "rev-parse", "HEAD").stdout.strip()
     assert _ran(_sh(machine_a, "recall", "update").stdout) == TASK_1_AND_BEFORE
     _sh(machine_a, *push.split())
@@ -253,7 +253,7 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, 
     _sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(machine_b))
     assert not (machine_b / ".dvc" / "cache").exists()
     _sh(machine_b, *pull.split())
-    _upload_batch(client, batches, "batch-002")
+    upload_batch(client, batches, "batch-002")
     for key in [k for k in keys if k.startswith("incoming/batch-001/")]:
         client.delete_object(Bucket=BUCKET, Key=key)
     commit_b = _sh(machine_b, "git", "rev-parse", "HEAD").stdout.strip()
