@@ -44,12 +44,12 @@ def run(seed: int, method: str, out: Path, extra: list[str], label: str = "") ->
     if not Path(cfg.paths.split).exists():
         steps.run_split(cfg)
     if cfg.method.train_on == "replay":
-        if not steps.task_file(cfg.paths.replay, 0).exists():
+        if not steps.replay_index_file(cfg, 0).exists():
             steps.run_init_replay(cfg)
         for task in range(1, n + 1):
             if not steps.task_file(cfg.paths.generators, task).exists():
                 steps.run_fit_generators(cfg, task)
-            if not steps.task_file(cfg.paths.replay, task).exists():
+            if not steps.replay_index_file(cfg, task).exists():
                 steps.run_replay(cfg, task)
     start = time.perf_counter()
     steps.run_init_prompts(cfg)

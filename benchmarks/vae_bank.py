@@ -34,7 +34,7 @@ def main() -> None:
                         help="fit only this many classes in the loop and scale its time up (default: all)")
     args = parser.parse_args()
     settings = VaeGenerator(name="vae", hidden=args.hidden, latent=args.latent, epochs=args.epochs,
-                            batch_size=64, lr=2e-4, samples_per_class=1024)
+                            batch_size=64, lr=2e-4)
     torch.manual_seed(0)
     centres = torch.randn(args.classes, args.dim) * 2
     data = [centres[c] + torch.randn(args.samples, args.dim) for c in range(args.classes)]

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import BAD_INPUT_EXIT_CODE
+
 # Stage families (the name before ``@``) whose command wants a GPU; all others go to cpu.
 GPU_FAMILIES = frozenset({"embed", "intake", "generators", "finetune"})
 GPU_POOL, CPU_POOL = "gpu", "cpu"
@@ -24,9 +26,8 @@ GPU_POOL, CPU_POOL = "gpu", "cpu"
 # (pipeline.tracking.pipeline_key).
 PIPELINE_RUN_ENV = "RECALL_PIPELINE_RUN"
 
-# pipeline/cli.py's `_run` turns the errors a user causes (bad config, data, task input)
-# into one "error: ..." line and exit status 2; typer's usage errors also exit with 2.
-BAD_INPUT_EXIT_CODE = 2
+# pipeline/cli.py's `_run` turns the errors a user causes (pipeline.errors.UserError) into
+# one "error: ..." line and BAD_INPUT_EXIT_CODE; typer's usage errors also exit with 2.
 _FAILED_COMMAND = re.compile(
     r"failed to reproduce '(?P<stage>[^']+)': failed to run: .*, exited with (?P<code>-?\d+)"
 )

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.compat import import_open_clip
 from pipeline.config import BackboneConfig
+from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, read_tensors, sha256_file, write_json, write_tensors
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ INFO_FILE = "backbone.json"
 _MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError):
     """The backbone cannot be built or loaded; the message says what to do instead."""
 
 

@@ -79,3 +79,29 @@ def load_head(
     head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
     head.eval()
     return head
+
+
+def train_probe(
+    vectors: torch.Tensor,
+    training,
+    seen: list[int],
+    settings,
+    logit_scale: float,
+    log_metric=None,
+) -> tuple[torch.Tensor, list[float]]:
+    """The ``probe`` method: one free vector per seen class (starting from ``vectors``, the
+    zero-shot features for new classes), a cosine classifier ``s <norm(e), norm(v_c)>``
+    trained with cross-entropy on ``training``'s draws at the prompts' budget. The ceiling
+    of any one-vector-per-class classifier on these embeddings. Returns the vectors and the
+    per-epoch losses."""
+    from pipeline.prompts import ParamGroup, class_positions, train_epochs
+
+    weights = torch.nn.Parameter(vectors.float().clone())
+    position = class_positions(seen)
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logit_scale * F.normalize(x.float(), dim=-1) @ F.normalize(weights, dim=-1).T
+        return F.cross_entropy(logits, position[y])
+
+    losses = train_epochs([ParamGroup([weights], "adamw", settings.lr)], settings.epochs, training, settings, batch_loss, log_metric)
+    return weights.detach(), losses

@@ -57,43 +57,20 @@ def _config(params: Path, overrides: Optional[list[str]]):
     return config.load(params, overrides or None)
 
 
-# A server the step needs does not answer (sysexits' EX_TEMPFAIL): worth retrying later,
-# unlike exit 2, the input's fault. The Prefect flows retry the one and not the other.
-UNAVAILABLE_EXIT_CODE = 75
-
-
 def _run(fn):
-    """Run a step; turn the errors users cause into one clear line and exit code 2, and an
-    unreachable server into one line and exit code 75."""
-    from pipeline.backbone import BackboneError
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.embed import EmbeddingMismatch
-    from pipeline.generators import GeneratorError
-    from pipeline.prompts import PromptError
-    from pipeline.registry import RegistryError
-    from pipeline.remote import RemoteError
-    from pipeline.serving import ServingError
-    from pipeline.split import SplitError
-    from pipeline.steps import TaskInputError
-    from pipeline.io import CorruptArtifactError
-    from pipeline.tasks import TaskDefinitionError
-    from pipeline.tracking import TrackingServerError
+    """Run a step; an error the user caused becomes one clear line and exit code 2, a server
+    that does not answer one line and exit code 75 (pipeline/errors.py)."""
+    from pipeline.errors import Unavailable, UserError, exit_code_of
 
     try:
         return fn()
-    except (
-        ConfigError, DataError, BackboneError, EmbeddingMismatch, SplitError, GeneratorError, PromptError,
-        TaskInputError, TaskDefinitionError, ServingError, RegistryError, RemoteError, FileNotFoundError,
-        CorruptArtifactError, TrackingServerError,
-    ) as exc:
+    except (UserError, Unavailable, FileNotFoundError) as exc:
         if _verbose:
             import traceback
 
             traceback.print_exc()
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        # A server that does not answer (TrackingServerError, stream.SourceUnreachable).
-        raise typer.Exit(code=UNAVAILABLE_EXIT_CODE if getattr(exc, "temporary", False) else 2) from None
+        raise typer.Exit(code=exit_code_of(exc)) from None
 
 
 @app.callback()

@@ -17,10 +17,12 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import UserError
+
 GROUPS = ("dataset", "backbone", "method", "generator", "schedule", "tracking")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message names the key at fault."""
 
 
@@ -178,8 +180,10 @@ class HeadConfig(_Strict):
     balanced_finetune_lr_scale: float = Field(gt=0)
     # sigma = softplus(B x) * (1 - std_floor) + std_floor
     std_floor: float = Field(default=1e-3, ge=0, lt=1)
-    # adamw: constant lr (as the prompts); sgd: the CLAP reference's schedule.
+    # The head's own optimizer and learning rate (the prompts keep AdamW at prompt.lr):
+    # adamw: constant lr; sgd: the CLAP reference's schedule (pipeline/prompts.make_optimizer).
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(gt=0)
     attention_ff_width: int = Field(default=2048, ge=1)
     attention_dropout: float = Field(default=0.1, ge=0, lt=1)
     zero_init_attention: bool = False
@@ -188,7 +192,7 @@ class HeadConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["zeroshot", "sequential", "cgil", "clap", "joint"]
+    name: Literal["zeroshot", "sequential", "cgil", "clap", "joint", "probe"]
     train_on: Literal["none", "current_real", "replay", "all_real"]
     prompt: PromptConfig | None = None
     head: HeadConfig | None = None
@@ -214,19 +218,16 @@ class VaeGenerator(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0)
-    samples_per_class: int = Field(ge=1)
     chunk_classes: int | None = Field(default=None, ge=1)
 
 
 class GaussGenerator(_Strict):
     name: Literal["gauss"]
-    samples_per_class: int = Field(ge=1)
 
 
 class MogGenerator(_Strict):
     name: Literal["mog"]
     components: int = Field(ge=1)
-    samples_per_class: int = Field(ge=1)
 
 
 GeneratorConfig = Annotated[

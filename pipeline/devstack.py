@@ -144,7 +144,7 @@ TINY_CONFIG = {
     "split": {"n_tasks": 2},
     "backbone": {"pretrain": {"epochs": 1, "batch_size": 16, "warmup_steps": 1}},
     "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 10},
-    "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4, "samples_per_class": 12},
+    "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4},
     "method": {"prompt": {"epochs": 2, "batch_size": 16, "per_class_per_epoch": 8}},
 }
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline.backbone import Backbone
 from pipeline.data.manifest import Prepared, Sample
 from pipeline.data.prepare import DataError
+from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, read_tensor_metadata, read_tensors, write_json, write_tensors
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ INDEX_FILE = "index.json"
 TEXT_FILE = "text.safetensors"
 
 
-class EmbeddingMismatch(RuntimeError):
+class EmbeddingMismatch(UserError):
     """An embedding file that does not belong to the current backbone or dataset."""
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import GaussGenerator, MogGenerator, VaeGenerator
+from pipeline.errors import UserError
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 GeneratorSettings = Union[VaeGenerator, GaussGenerator, MogGenerator]
 
 
-class GeneratorError(ValueError):
+class GeneratorError(UserError):
     pass
 
 

@@ -27,9 +27,10 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from pipeline.config import HeadConfig, PromptConfig
+from pipeline.errors import UserError
 
 
-class HeadError(ValueError):
+class HeadError(UserError):
     pass
 
 
@@ -199,16 +200,21 @@ def inference_noise(seed: int, class_ids: list[int], samples: int, dim: int) -> 
     return torch.stack(parts, dim=1)
 
 
-def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.Tensor, class_task: torch.Tensor, prior: str) -> torch.Tensor:
-    """``KL(q || p)`` summed over dimensions, averaged over images and classes."""
+def kl_to_prior(head: ProbabilisticHead, out: HeadOutput, class_features: torch.Tensor, class_task: torch.Tensor, prior: str,
+                columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(q || p)`` summed over dimensions, averaged over images and the given class
+    ``columns`` (all by default)."""
+    mu, sigma = out.mu, out.sigma
+    if columns is not None:
+        mu, sigma = mu[:, columns], sigma[:, columns]
+        class_features, class_task = class_features[columns], class_task[columns]
     if prior == "standard":
         # Closed form against N(0, I): fewer passes over [B, C, d] than the general one.
-        per_dim = 0.5 * (out.sigma.square() + out.mu.square() - 1.0) - out.sigma.log()
+        per_dim = 0.5 * (sigma.square() + mu.square() - 1.0) - sigma.log()
         return per_dim.sum(dim=-1).mean()
-    else:
-        p_mu, p_sigma = head.distribution(class_features, class_task, prior=True)
-        p = Normal(p_mu.expand_as(out.mu), p_sigma.expand_as(out.sigma))
-    return kl_divergence(Normal(out.mu, out.sigma), p).sum(dim=-1).mean()
+    p_mu, p_sigma = head.distribution(class_features, class_task, prior=True)
+    p = Normal(p_mu.expand_as(mu), p_sigma.expand_as(sigma))
+    return kl_divergence(Normal(mu, sigma), p).sum(dim=-1).mean()
 
 
 def language_regulariser(z_mean: torch.Tensor, template_features: torch.Tensor) -> torch.Tensor:
@@ -232,20 +238,22 @@ def predictive_summary(sample_logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def text_statistics(template_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Template-averaged features and per-dimension template variance of ``[C, J, d]``."""
-    return template_features.mean(dim=1), template_features.var(dim=1, unbiased=False)
+    """Template-averaged features and per-dimension template variance of ``[C, J, d]``; the
+    variance unbiased, as the reference's ``Tensor.var(1)`` (clap4clip 7ff95c2,
+    ``classifier/continual_clip_variational.py:105``). One template has no spread: 0."""
+    if template_features.shape[1] < 2:
+        return template_features.mean(dim=1), torch.zeros_like(template_features[:, 0])
+    return template_features.mean(dim=1), template_features.var(dim=1, unbiased=True)
 
 
 def train_with_head(
     learner,
     head: ProbabilisticHead,
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
+    training,
     seen: list[int],
     class_task: torch.Tensor,
     task: int,
-    text_mean: torch.Tensor,
-    current_templates: torch.Tensor,
+    template_features: torch.Tensor,
     prompt_cfg: PromptConfig,
     head_cfg: HeadConfig,
     logit_scale: float,
@@ -253,53 +261,68 @@ def train_with_head(
     log_metric: Callable[[str, float, int], None] | None = None,
 ) -> list[float]:
     """Train prompts, context generator, attention and task ``task``'s encoder (earlier
-    encoders frozen) on ``embeddings``, then, from task 2 on, the balanced finetuning phase
-    with every encoder unfrozen and the attention frozen. Returns the per-epoch loss of both
-    phases. ``text_mean [C_seen, d]``: the seen classes' template-averaged text features (the
-    prior's input); ``current_templates [C_task, J, d]``: this task's classes' per-template
-    features (the language regulariser's)."""
-    from pipeline.prompts import class_positions, train_balanced
+    encoders frozen) on ``training`` (a ``prompts.TrainingSet``), then, from task 2 on, the
+    balanced finetuning phase. Returns the per-epoch loss of both phases.
 
-    present = set(labels.unique().tolist())
-    missing = [c for c in seen if c not in present]
+    As the reference (clap4clip 7ff95c2, ``classifier/continual_clip_variational.py``): in
+    a task's own training the KL term and the language regulariser cover that task's
+    classes (lines 396, 402); in balanced finetuning every encoder is unfrozen, the
+    attention frozen and in eval mode (no dropout, line 652), the learning rates divided by
+    10 without warm-up (line 650), and KL and language regulariser cover every seen task.
+    The prompts train with AdamW at the prompt lr, the head with its own optimizer and lr.
+    ``template_features [C_seen, J, d]``: the seen classes' per-template text features."""
+    from pipeline.prompts import ParamGroup, class_positions, prompt_parameters, train_epochs
+
+    missing = [c for c in seen if c not in set(training.classes)]
     if missing:
         raise HeadError(f"task {task}: no training embeddings for seen class(es) {missing}")
+    if len(template_features) != len(seen):
+        raise HeadError(f"task {task}: {len(seen)} seen classes but text features of {len(template_features)}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the attention's dropout draws from the global generator
     seen_t = torch.tensor(seen)
     position = class_positions(seen)
-    current = torch.nonzero(class_task == task).flatten()
-    if len(current) != len(current_templates):
-        raise HeadError(f"task {task}: {len(current)} new classes but text features of {len(current_templates)}")
-    class_means = text_mean.float()
-    x_all = F.normalize(embeddings.float(), dim=-1)
+    class_means = template_features.float().mean(dim=1)
+    task_columns = {t: torch.nonzero(class_task == t).flatten() for t in class_task.unique().tolist()}
 
-    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        features = learner.features(seen_t)
-        noise = torch.randn(head_cfg.mc_train, len(seen), head.dim, generator=generator)
-        out = head(x_all[batch], features, class_task, logit_scale, noise)
-        targets = position[labels[batch]]
-        ce = F.cross_entropy(out.logits.flatten(0, 1), targets.repeat(head_cfg.mc_train))
-        kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior)
-        lang = language_regulariser(out.z_mean[current], current_templates)
-        return ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
+    def loss_over(tasks: list[int]):
+        columns = torch.cat([task_columns[t] for t in tasks])
 
-    prompts = [learner.ctx, *learner.generator.parameters()]
-    phases = [(prompt_cfg.epochs, prompt_cfg.lr, [*prompts, *head.attention.parameters(), *head.encoders[task - 1].parameters()])]
-    if task > 1 and head_cfg.balanced_finetune_epochs > 0:
-        # Every task's encoder unfrozen, the attention frozen (as in the reference).
-        phases.append(
-            (head_cfg.balanced_finetune_epochs, prompt_cfg.lr * head_cfg.balanced_finetune_lr_scale, [*prompts, *head.encoders.parameters()])
-        )
+        def batch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            features = learner.features(seen_t)
+            noise = torch.randn(head_cfg.mc_train, len(seen), head.dim, generator=generator)
+            out = head(F.normalize(x.float(), dim=-1), features, class_task, logit_scale, noise)
+            ce = F.cross_entropy(out.logits.flatten(0, 1), position[y].repeat(head_cfg.mc_train))
+            kl = kl_to_prior(head, out, class_means, class_task, head_cfg.prior, columns)
+            lang = sum(language_regulariser(out.z_mean[task_columns[t]], template_features[task_columns[t]]) for t in tasks)
+            return ce + head_cfg.kl_weight * kl + head_cfg.lang_weight * lang
+
+        return batch_loss
+
+    prompts = prompt_parameters(learner)
     losses: list[float] = []
     learner.train()
     head.train()
-    for epochs, lr, params in phases:
+    head.requires_grad_(False)
+    own = [*head.attention.parameters(), *head.encoders[task - 1].parameters()]
+    for p in [*prompts, *own]:
+        p.requires_grad_(True)
+    losses += train_epochs(
+        [ParamGroup(prompts, "adamw", prompt_cfg.lr), ParamGroup(own, head_cfg.optimizer, head_cfg.lr)],
+        prompt_cfg.epochs, training, prompt_cfg, loss_over([task]), log_metric,
+    )
+    if task > 1 and head_cfg.balanced_finetune_epochs > 0:
         head.requires_grad_(False)
-        for p in params:
+        head.attention.eval()
+        encoders = list(head.encoders.parameters())
+        for p in encoders:
             p.requires_grad_(True)
-        losses += train_balanced(
-            params, lr, epochs, labels, seen, prompt_cfg, generator, batch_loss, log_metric, len(losses), head_cfg.optimizer
+        scale = head_cfg.balanced_finetune_lr_scale
+        losses += train_epochs(
+            [ParamGroup(prompts, "adamw", prompt_cfg.lr * scale),
+             ParamGroup(encoders, head_cfg.optimizer, head_cfg.lr * scale, warmup=False)],
+            head_cfg.balanced_finetune_epochs, training, prompt_cfg, loss_over(sorted(task_columns)), log_metric,
+            first_epoch=prompt_cfg.epochs,
         )
     head.requires_grad_(True)
     head.prior_encoders.requires_grad_(False)

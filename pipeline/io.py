@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from pipeline.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -58,7 +60,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class CorruptArtifactError(Exception):
+class CorruptArtifactError(UserError):
     """A file a step reads exists but cannot be parsed: truncated, overwritten or
     half-copied. The message names the file, the DVC stage that writes it and how to
     rebuild it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import PromptConfig
+from pipeline.errors import UserError
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 PLACEHOLDER = "X"
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     pass
 
 
@@ -44,24 +46,38 @@ def encode_token_embeddings(
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-class ContextGenerator(nn.Module):
-    """``g``: ``d -> d -> d -> d_tok -> d_tok`` with BatchNorm and SELU.
+class FixedAffineNorm(nn.Module):
+    """A BatchNorm layer as the reference's context generator runs it: statistics frozen at
+    mean 0 and variance 1, so it is a learned per-dimension scale and shift,
+    ``x / sqrt(1 + eps) * weight + bias``.
 
-    Its BatchNorm normalises over the set of classes it is given, in training and at
-    inference alike (no running statistics, as in the reference): running statistics lag
-    behind and use the unbiased variance, so an evaluated context token would differ from
-    the trained one. Hence it needs at least 2 classes."""
+    The reference keeps the prompter in eval mode for good (mammoth e75a491,
+    ``models/cgil_utils/cgil_utils.py:54-58``: ``Model.train`` calls ``super().train(False)``)
+    and switches ``track_running_stats`` off only after the buffers exist
+    (``models/cgil.py:53-56``), so ``nn.BatchNorm1d`` reads its initial running statistics
+    (0 and 1) and never updates them. Hence ``g(w_c)`` depends on ``w_c`` alone: a class's
+    features do not depend on which other classes are seen, and one class is enough.
+    Parameter names match ``nn.BatchNorm1d``'s (``weight``, ``bias``)."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.weight / math.sqrt(1.0 + self.eps)) + self.bias
+
+
+class ContextGenerator(nn.Module):
+    """``g``: ``d -> d -> d -> d_tok -> d_tok`` with (fixed-statistics) BatchNorm and SELU."""
 
     def __init__(self, dim: int, token_dim: int):
         super().__init__()
-
-        def norm(width: int) -> nn.BatchNorm1d:
-            return nn.BatchNorm1d(width, track_running_stats=False)
-
         self.net = nn.Sequential(
-            nn.Linear(dim, dim), norm(dim), nn.SELU(),
-            nn.Linear(dim, dim), norm(dim), nn.SELU(),
-            nn.Linear(dim, token_dim), norm(token_dim), nn.SELU(),
+            nn.Linear(dim, dim), FixedAffineNorm(dim), nn.SELU(),
+            nn.Linear(dim, dim), FixedAffineNorm(dim), nn.SELU(),
+            nn.Linear(dim, token_dim), FixedAffineNorm(token_dim), nn.SELU(),
             nn.Linear(token_dim, token_dim),
         )
 
@@ -149,10 +165,6 @@ class PromptLearner(nn.Module):
 
     def features(self, class_ids: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Normalised text features ``f_c`` of the given classes."""
-        if len(class_ids) < 2:
-            raise PromptError(
-                f"the context generator normalises over the seen classes and needs at least 2; got {len(class_ids)}"
-            )
         rows = self.rows(class_ids)
         model = self.text_model
         embeddings = model.token_embedding(self.tokens[rows]).detach()
@@ -201,92 +213,127 @@ def class_positions(seen: list[int]) -> torch.Tensor:
     return position
 
 
+@dataclass
+class TrainingSet:
+    """What a task trains on, one fresh class-balanced epoch at a time: ``draw(epoch)`` gives
+    that epoch's embeddings and labels, shuffled, reproducible from the epoch alone."""
+
+    classes: list[int]
+    draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    # What the draws are determined by, given the seed (a registry input digest).
+    digest: str
+
+
+def real_training_set(embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int], per_class: int, seed: int,
+                      digest: str) -> TrainingSet:
+    """Class-balanced epochs of real embeddings: ``per_class`` rows of every class each epoch."""
+    from pipeline.replay import epoch_seed
+
+    def draw(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = balanced_epoch(labels, classes, per_class, torch.Generator().manual_seed(epoch_seed(seed, 0, epoch)))
+        return embeddings[rows], labels[rows]
+
+    return TrainingSet(classes, draw, digest)
+
+
 def make_optimizer(
-    params: list[torch.Tensor], lr: float, total_steps: int, batch_size: int, kind: str = "adamw"
+    params: list[torch.Tensor], kind: str, lr: float, total_steps: int, warmup: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """``adamw``: AdamW at a constant ``lr``, no weight decay (design D, as in CGIL).
-    ``sgd``: the CLAP reference's plain SGD at ``lr * batch_size / 20``, linear warm-up over
-    the first 30% of the steps, then cosine decay to 0."""
+    ``sgd``: the CLAP reference's plain SGD at ``lr`` (its ``lr * batch / 20``: 1.6e-3 for its
+    lr 1e-3 and batch 32), cosine decay to 0 after a linear warm-up over the first 30% of the
+    steps in a task's training and none in balanced finetuning (clap4clip 7ff95c2,
+    ``classifier/continual_clip_variational.py:495, 650, 771-794``)."""
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
     if kind != "sgd":
         raise PromptError(f"unknown optimizer {kind!r} (adamw or sgd)")
-    optimizer = torch.optim.SGD(params, lr=lr * batch_size / 20)
-    warmup = max(1, round(0.3 * total_steps))
+    optimizer = torch.optim.SGD(params, lr=lr)
+    warmup_steps = round(0.3 * total_steps) if warmup else 0
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_balanced(
-    params: list[torch.Tensor],
-    lr: float,
+@dataclass
+class ParamGroup:
+    """Parameters trained together with one optimizer of ``make_optimizer``."""
+
+    params: list[torch.Tensor]
+    kind: str
+    lr: float
+    warmup: bool = True
+
+
+def steps_per_epoch(n_classes: int, settings: PromptConfig) -> int:
+    return math.ceil(n_classes * settings.per_class_per_epoch / settings.batch_size)
+
+
+def train_epochs(
+    groups: list[ParamGroup],
     epochs: int,
-    labels: torch.Tensor,
-    classes: list[int],
+    training: TrainingSet,
     settings: PromptConfig,
-    generator: torch.Generator,
-    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     log_metric: Callable[[str, float, int], None] | None = None,
     first_epoch: int = 0,
-    optimizer_kind: str = "adamw",
 ) -> list[float]:
-    """``epochs`` class-balanced epochs of ``classes`` with the optimizer of
-    ``make_optimizer``; ``batch_loss(rows)`` gives the loss of a batch of row indices.
-    Returns per-epoch losses."""
-    steps_per_epoch = math.ceil(len(classes) * settings.per_class_per_epoch / settings.batch_size)
-    optimizer, scheduler = make_optimizer(params, lr, epochs * steps_per_epoch, settings.batch_size, optimizer_kind)
+    """``epochs`` epochs of ``training``'s draws (epochs ``first_epoch`` on), each parameter
+    group stepped by its own optimizer; ``batch_loss(embeddings, labels)`` gives a batch's
+    loss. Returns per-epoch losses."""
+    total = epochs * steps_per_epoch(len(training.classes), settings)
+    optimizers = [make_optimizer(g.params, g.kind, g.lr, total, g.warmup) for g in groups if g.params]
     losses = []
-    for epoch in range(epochs):
-        rows = balanced_epoch(labels, classes, settings.per_class_per_epoch, generator)
-        total, count = 0.0, 0
-        for batch in rows.split(settings.batch_size):
-            loss = batch_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        x, y = training.draw(epoch)
+        running, count = 0.0, 0
+        for start in range(0, len(y), settings.batch_size):
+            xb, yb = x[start : start + settings.batch_size], y[start : start + settings.batch_size]
+            loss = batch_loss(xb, yb)
+            for optimizer, _ in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        losses.append(total / count)
+            for optimizer, scheduler in optimizers:
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            running += loss.item() * len(yb)
+            count += len(yb)
+        losses.append(running / count)
         if log_metric:
-            log_metric("prompt_loss", losses[-1], first_epoch + epoch)
+            log_metric("prompt_loss", losses[-1], epoch)
     return losses
+
+
+def prompt_parameters(learner: PromptLearner) -> list[torch.Tensor]:
+    return [learner.ctx, *learner.generator.parameters()]
 
 
 def train_prompts(
     learner: PromptLearner,
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
+    training: TrainingSet,
     seen: list[int],
     settings: PromptConfig,
     logit_scale: float,
-    seed: int,
     log_metric: Callable[[str, float, int], None] | None = None,
 ) -> list[float]:
-    """Cross-entropy over all seen classes on ``embeddings``; returns the per-epoch loss."""
-    present = set(labels.unique().tolist())
-    trained_classes = [c for c in seen if c in present]
-    if not trained_classes:
+    """Cross-entropy over all seen classes on ``training``'s draws; returns the per-epoch loss."""
+    if not training.classes:
         raise PromptError("no training embeddings for any seen class")
     seen_t = torch.tensor(seen)
     position = class_positions(seen)
-    x_all = F.normalize(embeddings.float(), dim=-1)
 
-    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        logits = logit_scale * x_all[batch] @ learner.features(seen_t).T
-        return F.cross_entropy(logits, position[labels[batch]])
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logit_scale * F.normalize(x.float(), dim=-1) @ learner.features(seen_t).T
+        return F.cross_entropy(logits, position[y])
 
     learner.train()
-    losses = train_balanced(
-        [learner.ctx, *learner.generator.parameters()], settings.lr, settings.epochs, labels, trained_classes,
-        settings, torch.Generator().manual_seed(seed), batch_loss, log_metric,
-    )
+    losses = train_epochs([ParamGroup(prompt_parameters(learner), "adamw", settings.lr)], settings.epochs, training,
+                          settings, batch_loss, log_metric)
     learner.eval()
     return losses
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ VOLATILE_METADATA = frozenset({"seconds"})
 SHORT_HASH = 8
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """The registry cannot be used as asked; names the file or setting at fault."""
 
 

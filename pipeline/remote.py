@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.errors import UserError
+
 DEFAULT_NAME = "storage"
 
 # DVC has no setting that makes `dvc push`/`dvc pull` carry the run cache (DVC 3.x: only
@@ -37,7 +39,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REMOTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class RemoteError(Exception):
+class RemoteError(UserError):
     """A remote that cannot be configured as asked; the message names what and why."""
 
 

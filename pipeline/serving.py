@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from pipeline.classifier import Classifier, head_state, load_head
+from pipeline.errors import UserError
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
 
 CLASSIFIER_FILE = "classifier.safetensors"
 OUTPUT_COLUMNS = ["label", "class_id", "max_probability", "entropy", "energy", "sample_variance", "probabilities"]
 
 
-class ServingError(ValueError):
+class ServingError(UserError):
     pass
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.io import read_json, write_json
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     pass
 
 

@@ -20,6 +20,7 @@ from pipeline import registry, scaleout
 from pipeline import tasks as tasks_lib
 from pipeline.config import Config
 from pipeline.data import load_prepared, prepare_dataset
+from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.split import load_split, make_split, write_split
 from pipeline.tasks import TaskInputs
@@ -154,7 +155,7 @@ def task_file(folder: str, task: int, suffix: str = ".safetensors") -> Path:
     return Path(folder) / f"task-{task:02d}{suffix}"
 
 
-class TaskInputError(ValueError):
+class TaskInputError(UserError):
     """Inputs of a per-task step that cannot be used; names the task and class."""
 
 
@@ -267,59 +268,37 @@ def run_fit_generators(cfg: Config, task: int) -> dict[str, Any]:
     return figures
 
 
+def replay_index_file(cfg: Config, task: int) -> Path:
+    return task_file(cfg.paths.replay, task, ".json")
+
+
 def run_init_replay(cfg: Config) -> dict[str, Any]:
-    """Task 0: the empty replay pool every task's pool grows from."""
-    from pipeline.io import write_tensors
+    """Task 0: the empty generator index every task's index grows from."""
+    from pipeline.replay import write_empty_index
 
     with Tracker(cfg).step("replay-init"):
-        write_tensors(
-            task_file(cfg.paths.replay, 0),
-            {"embeddings": torch.zeros(0, 0), "labels": torch.zeros(0, dtype=torch.long)},
-            metadata={"task": "0", "seen": "[]", "seconds": "0"},
-        )
-    return {"samples": 0}
+        write_empty_index(replay_index_file(cfg, 0))
+    return {"generators": 0}
 
 
 def run_replay(cfg: Config, task: int) -> dict[str, Any]:
-    """Task ``task``'s replay pool: task ``task - 1``'s pool plus seeded samples of this
-    task's generators. Earlier generators are not read again, so adding a task never
-    changes (nor re-runs) an earlier task's pool."""
-    import time
+    """Task ``task``'s generator index: task ``task - 1``'s plus this task's generator file and
+    its hash. Nothing is sampled here: finetuning draws fresh samples from every file the
+    index names, each epoch (pipeline/replay.py)."""
+    from pipeline.replay import ReplayError, extend_index
 
-    from pipeline import generators
-    from pipeline.io import read_tensors, write_tensors
-
-    with Tracker(cfg).step("replay", task=task, params={"samples_per_class": cfg.generator.samples_per_class}) as run:
+    with Tracker(cfg).step("replay", task=task) as run:
         seen_inputs = _seen_inputs(cfg, task)
-        seen = [c for t in seen_inputs for c in t.class_ids]
-        start = time.perf_counter()
-        previous_path = task_file(cfg.paths.replay, task - 1)
-        if not previous_path.exists():
-            raise TaskInputError(f"task {task}: no replay pool of task {task - 1} at {previous_path} (run its replay step)")
-        previous = read_tensors(previous_path)
-        expected = sorted(c for t in seen_inputs[:-1] for c in t.class_ids)
-        if sorted(previous["labels"].unique().tolist()) != expected:
-            raise TaskInputError(
-                f"task {task}: the replay pool {previous_path} holds classes {sorted(previous['labels'].unique().tolist())}, "
-                f"not those of tasks 1..{task - 1} {expected}; re-run the earlier tasks' replay"
-            )
         bank_path = task_file(cfg.paths.generators, task)
-        bank = generators.load_bank(bank_path)
-        run.record_inputs(previous_pool=previous_path, **{f"generators_task_{task:02d}": bank_path})
-        missing = sorted(set(seen_inputs[-1].class_ids) - set(bank.class_ids))
-        if missing:
-            raise TaskInputError(f"task {task}: generator bank {bank_path} has no generator for class(es) {missing}")
-        x, y = bank.sample(cfg.generator.samples_per_class, seed=cfg.seed * 1000 + task)
-        embeddings = torch.cat([previous["embeddings"], x]) if len(previous["labels"]) else x
-        labels = torch.cat([previous["labels"], y])
-        seconds = time.perf_counter() - start
-        write_tensors(
-            task_file(cfg.paths.replay, task),
-            {"embeddings": embeddings, "labels": labels},
-            metadata={"task": str(task), "seen": json.dumps(seen), "seconds": f"{seconds:.3f}"},
-        )
-        run.log_metrics({"replay_samples": len(labels), "replay_seconds": seconds}, step=task)
-    return {"samples": len(labels), "classes": len(seen)}
+        previous_path = replay_index_file(cfg, task - 1)
+        run.record_inputs(previous_index=previous_path, **{f"generators_task_{task:02d}": bank_path})
+        try:
+            index = extend_index(previous_path, task, bank_path, seen_inputs[-1].class_ids, replay_index_file(cfg, task))
+        except ReplayError as exc:
+            raise TaskInputError(f"task {task}: {exc}") from None
+        classes = sum(len(entry["class_ids"]) for entry in index["generators"])
+        run.log_metrics({"replay_classes": classes}, step=task)
+    return {"generators": len(index["generators"]), "classes": classes}
 
 
 def _feature_dim(backbone) -> int:
@@ -343,6 +322,8 @@ def run_init_prompts(cfg: Config) -> dict[str, Any]:
             "text_mean": torch.zeros(0, dim), "text_variance": torch.zeros(0, dim),
             "class_task": torch.zeros(0, dtype=torch.long),
         }
+        if cfg.method.name == "probe":
+            tensors["probe_vectors"] = torch.zeros(0, dim)
         if cfg.method.head is not None:
             from pipeline.classifier import head_state
             from pipeline.head import ProbabilisticHead
@@ -356,6 +337,7 @@ def run_init_prompts(cfg: Config) -> dict[str, Any]:
             )
             extra = {"head_tasks": "0"}
             tensors.update(head_state(head))
+            tensors["template_features"] = torch.zeros(0, len(cfg.dataset.templates), dim)
         save_prompt_state(task_file(cfg.paths.prompts, 0), learner, seen=[], trained=False, extra=extra, extra_tensors=tensors)
     return {"classes": 0}
 
@@ -374,28 +356,29 @@ def _load_head(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Pa
     return load_head(state, dim, expected_tasks, settings.std_floor, settings.attention_dropout, settings.encoder_bias)
 
 
-def _training_set(cfg: Config, task: int, seen_inputs: list[TaskInputs], sha256: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """What the method trains on at this task: nothing, real embeddings or the replay pool."""
-    from pipeline.io import read_tensors
+def _training_set(cfg: Config, task: int, seen_inputs: list[TaskInputs], sha256: str):
+    """What the method trains on at this task (a ``prompts.TrainingSet``, or None): real
+    embeddings, or fresh draws from every seen class's generators (the task's index)."""
+    from pipeline.prompts import TrainingSet, real_training_set
+    from pipeline.replay import ReplayError, ReplaySampler
 
     train_on = cfg.method.train_on
     if train_on == "none":
         return None
+    seed = cfg.seed * 1000 + task
+    per_class = cfg.method.prompt.per_class_per_epoch
     if train_on in ("current_real", "all_real"):
         chosen = seen_inputs[-1:] if train_on == "current_real" else seen_inputs
-        data = _real_embeddings([t.train for t in chosen], sha256, [c for t in chosen for c in t.class_ids])
-        return data["embeddings"], data["labels"]
-    path = task_file(cfg.paths.replay, task)
-    if not path.exists():
-        raise TaskInputError(f"task {task}: no replay pool at {path} (run the replay step)")
-    pool = read_tensors(path)
+        classes = [c for t in chosen for c in t.class_ids]
+        data = _real_embeddings([t.train for t in chosen], sha256, classes)
+        digest = registry.tensors_digest({"embeddings": data["embeddings"], "labels": data["labels"]})
+        return real_training_set(data["embeddings"], data["labels"], classes, per_class, seed, digest)
     seen = [c for t in seen_inputs for c in t.class_ids]
-    missing = sorted(set(seen) - set(pool["labels"].unique().tolist()))
-    if missing:
-        raise TaskInputError(f"task {task}: the replay pool {path} has no samples of seen class(es) {missing}")
-    if not torch.isfinite(pool["embeddings"]).all():
-        raise TaskInputError(f"task {task}: the replay pool {path} contains NaN or inf")
-    return pool["embeddings"], pool["labels"]
+    try:
+        sampler = ReplaySampler.from_index(replay_index_file(cfg, task), seen, per_class, seed, task)
+    except ReplayError as exc:
+        raise TaskInputError(f"task {task}: {exc}") from None
+    return TrainingSet(seen, sampler.draw, sampler.digest())
 
 
 def _previous_state(cfg: Config, task: int, expected_seen: list[int]):
@@ -433,7 +416,8 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         text = tasks_lib.load_class_text(inputs.text, backbone.sha256, inputs.class_ids)
         learner.add_classes(inputs.class_ids, inputs.class_names, text["class_features"], seed=cfg.seed)
         seen = learner.class_ids
-        mean, variance = text_statistics(text["template_features"].float())
+        templates = text["template_features"].float()
+        mean, variance = text_statistics(templates)
         text_mean = torch.cat([state["text_mean"], mean])
         text_variance = torch.cat([state["text_variance"], variance])
         class_task = torch.cat([state["class_task"], torch.full((len(inputs.class_ids),), task, dtype=torch.long)])
@@ -441,7 +425,7 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         training = _training_set(cfg, task, seen_inputs, backbone.sha256)
         run.record_inputs(previous_state=previous_path, text_features=inputs.text)
         if cfg.method.train_on == "replay":
-            run.record_inputs(replay_pool=task_file(cfg.paths.replay, task))
+            run.record_inputs(generator_index=replay_index_file(cfg, task))
         elif cfg.method.train_on != "none":
             run.record_inputs(train_embeddings=inputs.train)
         logit_scale = backbone.model.logit_scale.exp().item()
@@ -451,20 +435,27 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
             from pipeline.classifier import head_state
             from pipeline.head import train_with_head
 
+            # Every seen class's per-template features: the language regulariser of balanced
+            # finetuning covers every seen task.
+            all_templates = torch.cat([state["template_features"], templates]) if task > 1 else templates
             head = _load_head(cfg, state, previous, previous_path, learner.class_features.shape[1], task - 1)
             head.add_task(text_mean, text_variance, seed=cfg.seed * 1000 + task)
             if training is not None:
                 losses = train_with_head(
-                    learner, head, *training, seen, class_task, task, text_mean, text["template_features"].float(),
+                    learner, head, training, seen, class_task, task, all_templates,
                     cfg.method.prompt, cfg.method.head, logit_scale, seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
                 )
             extra = {"head_tasks": str(head.n_tasks)}
             tensors.update(head_state(head))
+            tensors["template_features"] = all_templates
+        elif cfg.method.name == "probe":
+            from pipeline.classifier import train_probe
+
+            vectors = torch.cat([state["probe_vectors"], learner.class_features[len(state["probe_vectors"]):]])
+            vectors, losses = train_probe(vectors, training, seen, cfg.method.prompt, logit_scale, log_metric=run.log_metric)
+            tensors["probe_vectors"] = vectors
         elif training is not None:
-            losses = train_prompts(
-                learner, *training, seen, cfg.method.prompt, logit_scale,
-                seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
-            )
+            losses = train_prompts(learner, training, seen, cfg.method.prompt, logit_scale, log_metric=run.log_metric)
         seconds = time.perf_counter() - start
         out = task_file(cfg.paths.prompts, task)
         save_prompt_state(out, learner, seen=seen, trained=training is not None or previous["trained"],
@@ -477,7 +468,7 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
             # text features, given the lineage (method settings, seed).
             digest = registry.input_digest(tracker.lineage, "prompts", task, {
                 "previous_state": registry.safetensors_digest(previous_path),
-                "training_set": registry.tensors_digest({"embeddings": training[0], "labels": training[1]}),
+                "training_set": training.digest,
                 "text_features": registry.tensors_digest(text),
             })
             run.register_model(tracker.model_name("prompts"), [out], tracker.version_tags(task),
@@ -501,7 +492,9 @@ def load_classifier(cfg: Config, task: int, backbone):
     if info["seen"] != seen:
         raise TaskInputError(f"task {task}: the prompt state {path} covers classes {info['seen']}, not the seen classes {seen}")
     features = state["class_features"].float()
-    if info["trained"]:
+    if "probe_vectors" in state:
+        features = torch.nn.functional.normalize(state["probe_vectors"].float(), dim=-1)
+    elif info["trained"]:
         learner = learner_from_state(backbone.model, backbone.tokenizer, state, info)
         learner.eval()
         with torch.no_grad():
@@ -572,7 +565,6 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
             step: float(_seconds_of(path))
             for step, path in (
                 ("generators", task_file(cfg.paths.generators, task)),
-                ("replay", task_file(cfg.paths.replay, task)),
                 ("finetune", task_file(cfg.paths.prompts, task)),
             )
             if path.exists()

@@ -38,6 +38,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from pipeline.data.prepare import IMAGE_EXTENSIONS, DataError
+from pipeline.errors import Unavailable
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,9 @@ class SourceError(DataError):
     """A source (or ledger store) that cannot be used at all; names bucket and endpoint."""
 
 
-class SourceUnreachable(SourceError):
+class SourceUnreachable(SourceError, Unavailable):
     """The S3 endpoint does not answer: it may be back in a minute (exit 75, retried by the
     flows), unlike a missing bucket or refused credentials."""
-
-    temporary = True
 
 
 class EntryTaken(Exception):

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 
 
-class TaskDefinitionError(ValueError):
+class TaskDefinitionError(UserError):
     """A task's classes cannot be read; names the file and task."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.compat import disable_telemetry
 from pipeline.config import Config
+from pipeline.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,8 @@ def tracking_uri_origin(cfg: Config) -> str:
     return "the default local store"
 
 
-class TrackingServerError(Exception):
+class TrackingServerError(Unavailable):
     """The MLflow tracking server a step needs does not answer (the CLI exits 75: try later)."""
-
-    temporary = True
 
 
 def redact_uri(uri: str) -> str:

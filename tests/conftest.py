@@ -40,7 +40,6 @@ TINY = [
     "generator.latent=4",
     "generator.epochs=3",
     "generator.batch_size=4",
-    "generator.samples_per_class=12",
     "method.prompt.epochs=2",
     "method.prompt.batch_size=16",
     "method.prompt.per_class_per_epoch=8",

@@ -28,9 +28,9 @@ def test_a_whole_run_produces_consistent_outputs(world):
     _run_tasks(world, 3)
     report = steps.run_report(world)
     split = load_split(world.paths.split)
-    pool = read_tensors(task_file(world.paths.replay, 3))
-    assert sorted(pool["labels"].unique().tolist()) == sorted(seen_classes(split, 3))
-    assert len(pool["labels"]) == 9 * 12
+    index = read_json(steps.replay_index_file(world, 3))
+    assert [e["task"] for e in index["generators"]] == [1, 2, 3]
+    assert sorted(c for e in index["generators"] for c in e["class_ids"]) == sorted(seen_classes(split, 3))
     _, info = load_prompt_state(task_file(world.paths.prompts, 3))
     assert info["seen"] == seen_classes(split, 3) and info["trained"]
     assert len(report["accuracy_matrix"]) == 3 and len(report["step_accuracy"]) == 3
@@ -39,7 +39,7 @@ def test_a_whole_run_produces_consistent_outputs(world):
     assert read_json(Path(world.paths.metrics) / "report.json")["method"] == "clap"  # the default
     evaluation = read_json(task_file(world.paths.evaluations, 1, ".json"))
     assert set(evaluation["transfer"]) == {"2", "3"} and set(evaluation["accuracy_row"]) == {"1"}
-    assert {"generators", "replay", "finetune"} <= set(evaluation["seconds"])
+    assert {"generators", "finetune"} <= set(evaluation["seconds"])
     # Each task registered one version of the generator bank and one of the prompts.
     from mlflow.tracking import MlflowClient
 
@@ -59,20 +59,32 @@ def test_a_whole_run_produces_consistent_outputs(world):
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
     finetune = next(r for r in runs if r.info.run_name == "task-03/finetune")
-    replay_md5 = hashlib.md5(task_file(world.paths.replay, 3).read_bytes()).hexdigest()
-    assert finetune.data.tags["recall.input_md5.replay_pool"] == replay_md5
+    index_md5 = hashlib.md5(steps.replay_index_file(world, 3).read_bytes()).hexdigest()
+    assert finetune.data.tags["recall.input_md5.generator_index"] == index_md5
     assert finetune.data.tags["recall.input_md5.previous_state"] == hashlib.md5(task_file(world.paths.prompts, 2).read_bytes()).hexdigest()
     evaluate = next(r for r in runs if r.info.run_name == "task-03/evaluate")
     assert evaluate.data.tags["recall.input_md5.test_embeddings"].endswith(".dir")
 
 
-def test_replay_pool_is_reproducible_from_the_seed(world):
-    steps.run_fit_generators(world, 1)
+def test_replay_draws_fresh_samples_each_epoch_reproducibly(world):
+    from pipeline.replay import ReplaySampler
+
     steps.run_init_replay(world)
-    steps.run_replay(world, 1)
-    first = read_tensors(task_file(world.paths.replay, 1))
-    steps.run_replay(world, 1)
-    assert torch.equal(first["embeddings"], read_tensors(task_file(world.paths.replay, 1))["embeddings"])
+    for task in (1, 2):
+        steps.run_fit_generators(world, task)
+        steps.run_replay(world, task)
+    split = load_split(world.paths.split)
+    seen = seen_classes(split, 2)
+    sampler = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
+    x0, y0 = sampler.draw(0)
+    # Class-balanced over every seen class, old ones resampled from their own task's file.
+    assert sorted(y0.tolist()) == sorted(c for c in seen for _ in range(5))
+    again = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
+    assert torch.equal(again.draw(0)[0], x0)
+    x1, _ = sampler.draw(1)
+    assert not torch.allclose(x1.sort(dim=0).values, x0.sort(dim=0).values)
+    other_task = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=3)
+    assert not torch.allclose(other_task.draw(0)[0].sort(dim=0).values, x0.sort(dim=0).values)
 
 
 def _with_method(name: str, *extra: str):
@@ -201,37 +213,37 @@ def test_nan_in_an_embedding_file_is_named(world):
         steps.run_fit_generators(world, 1)
 
 
-def test_replay_pools_grow_by_the_new_task_only(world):
+def test_the_generator_index_grows_by_the_new_task_only_and_stores_no_samples(world):
     steps.run_init_replay(world)
     for task in (1, 2):
         steps.run_fit_generators(world, task)
         steps.run_replay(world, task)
-    first = read_tensors(task_file(world.paths.replay, 1))
-    second = read_tensors(task_file(world.paths.replay, 2))
-    n = len(first["labels"])
-    # Task 2's pool is task 1's, untouched, plus samples of task 2's classes only.
-    assert torch.equal(second["embeddings"][:n], first["embeddings"]) and torch.equal(second["labels"][:n], first["labels"])
-    assert sorted(second["labels"][n:].unique().tolist()) == sorted(task_classes(load_split(world.paths.split), 2))
-    # It grows from task 1's pool as it is: one that lost a class is refused, by name.
-    keep = first["labels"] != first["labels"][0]
-    write_tensors(task_file(world.paths.replay, 1), {k: v[keep] for k, v in first.items()})
-    with pytest.raises(TaskInputError, match=r"task 2: the replay pool .*task-01\.safetensors holds classes"):
-        steps.run_replay(world, 2)
+    first = read_json(steps.replay_index_file(world, 1))
+    second = read_json(steps.replay_index_file(world, 2))
+    # Task 2's index is task 1's entries, untouched, plus task 2's generator file.
+    assert second["generators"][:1] == first["generators"]
+    assert second["generators"][1]["path"] == task_file(world.paths.generators, 2).as_posix()
+    assert sorted(second["generators"][1]["class_ids"]) == sorted(task_classes(load_split(world.paths.split), 2))
+    # Storage per task is a few hundred bytes, whatever the number of classes seen.
+    assert steps.replay_index_file(world, 2).stat().st_size < 2000
 
 
-def test_a_replay_pool_missing_a_seen_class_is_named(world):
+def test_a_generator_changed_after_indexing_is_named(world):
     steps.run_init_prompts(world)
     steps.run_init_replay(world)
     steps.run_fit_generators(world, 1)
     steps.run_replay(world, 1)
-    victim = task_classes(load_split(world.paths.split), 1)[0]
-    path = task_file(world.paths.replay, 1)
-    pool = read_tensors(path)
-    keep = pool["labels"] != victim
-    write_tensors(path, {k: v[keep] for k, v in pool.items()})
-    with pytest.raises(TaskInputError, match=rf"task 1: the replay pool .* has no samples of seen class\(es\) \[{victim}\]"):
+    bank = task_file(world.paths.generators, 1)
+    data = read_tensors(bank)
+    from pipeline.io import read_tensor_metadata
+
+    write_tensors(bank, {k: v + 1 for k, v in data.items()}, metadata=read_tensor_metadata(bank))
+    with pytest.raises(TaskInputError, match=r"task 1: .*task-01\.json: task 1's generators .*task-01\.safetensors changed"):
         steps.run_finetune(world, 1)
     assert not task_file(world.paths.prompts, 1).exists()
+    bank.unlink()
+    with pytest.raises(TaskInputError, match=r"task-01\.safetensors are missing"):
+        steps.run_finetune(world, 1)
 
 
 def test_a_task_outside_the_split_is_named(world):
@@ -274,7 +286,7 @@ def test_clap_run_reports_calibration_and_novel_class_detection(world):
     assert read_json(task_file(cfg.paths.evaluations, 1, ".json"))["calibration"] == first["calibration"]
 
 
-def test_clap_finetune_reads_only_the_replay_pool_and_the_previous_state(world):
+def test_clap_finetune_reads_only_the_generators_and_the_previous_state(world):
     import shutil
 
     cfg = _clap(world)
@@ -282,9 +294,9 @@ def test_clap_finetune_reads_only_the_replay_pool_and_the_previous_state(world):
     for task in (1, 2):
         steps.run_fit_generators(cfg, task)
         steps.run_replay(cfg, task)
-    # What a GPU worker would receive: replay pools, frozen backbone and text features.
+    # What a GPU worker would receive: the generators the index names, frozen backbone and
+    # text features; never the real train embeddings.
     shutil.rmtree(Path(cfg.paths.embeddings) / "train")
-    shutil.rmtree(cfg.paths.generators)
     steps.run_init_prompts(cfg)
     steps.run_finetune(cfg, 1)
     steps.run_finetune(cfg, 2)

@@ -8,7 +8,7 @@ from benchmarks.reference_vae import fit_reference_vae
 from pipeline.config import GaussGenerator, MogGenerator, VaeGenerator
 from pipeline.generators import GeneratorError, fit_bank, fit_vae_bank, load_bank, save_bank
 
-SETTINGS = VaeGenerator(name="vae", hidden=16, latent=4, epochs=6, batch_size=8, lr=2e-3, samples_per_class=32)
+SETTINGS = VaeGenerator(name="vae", hidden=16, latent=4, epochs=6, batch_size=8, lr=2e-3)
 
 
 def test_vae_bank_equals_independent_per_class_vaes():
@@ -60,7 +60,7 @@ def test_chunked_fit_matches_one_bank():
 
 @pytest.mark.parametrize(
     "settings",
-    [SETTINGS, GaussGenerator(name="gauss", samples_per_class=8), MogGenerator(name="mog", components=2, samples_per_class=8)],
+    [SETTINGS, GaussGenerator(name="gauss"), MogGenerator(name="mog", components=2)],
     ids=["vae", "gauss", "mog"],
 )
 def test_sampling_is_reproducible_and_survives_save_and_load(settings, tmp_path):

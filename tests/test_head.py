@@ -93,21 +93,25 @@ def test_logits_are_those_of_the_normalised_sampled_features():
 
 
 def test_encoders_start_from_the_template_mean_and_variance():
-    # Two classes, two templates, d = 2: per-dimension template variance by hand.
+    # Two classes, two templates, d = 2: per-dimension template variance by hand, unbiased
+    # as the reference's Tensor.var(1): ((1-2)^2 + (3-2)^2) / (2 - 1) = 2.
     templates = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[0.0, 2.0], [0.0, 4.0]]])
     mean, variance = text_statistics(templates)
     assert torch.equal(mean, torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
-    assert torch.equal(variance, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.equal(variance, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    # One template has no spread (not NaN).
+    assert torch.equal(text_statistics(templates[:, :1])[1], torch.zeros(2, 2))
     head = ProbabilisticHead(2, std_floor=0.001)
     head.add_task(mean, variance)
     encoder = head.encoders[0]
     # A = T^T T / d, B = V^T V / d with V the variance (not the standard deviation).
     assert torch.allclose(encoder.mean.weight, torch.tensor([[2.0, 0.0], [0.0, 4.5]]))
-    assert torch.allclose(encoder.std.weight, torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    assert torch.allclose(encoder.std.weight, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
     assert torch.equal(encoder.mean.bias, torch.zeros(2))
-    # template_std: sigma at zero input is the mean template standard deviation, 0.5 here.
+    # template_std: sigma at zero input is the mean template standard deviation over the
+    # classes, (sqrt(2) + 0) / 2 per dimension here.
     _, sigma = encoder(torch.zeros(1, 2), head.std_floor)
-    assert torch.allclose(sigma, torch.full((1, 2), 0.5), atol=1e-5)
+    assert torch.allclose(sigma, torch.full((1, 2), 2.0**0.5 / 2), atol=1e-5)
     # pytorch_default: nn.Linear's uniform bias, drawn from the given seed.
     defaults = [ProbabilisticHead(2, encoder_bias="pytorch_default") for _ in range(2)]
     for head, seed in zip(defaults, (3, 3)):

@@ -134,10 +134,10 @@ def test_generator_bank_on_dask_matches_single_process(tiny_world, cluster, kind
     data = by_class(tiny_world)
     if kind == "vae":
         settings = VaeGenerator(name="vae", hidden=16, latent=4, epochs=3, batch_size=4, lr=1e-3,
-                                samples_per_class=4, chunk_classes=3)
+                                chunk_classes=3)
         assert len(generators.vae_chunks(sorted(data), settings, 1)) > 1
     else:
-        settings = MogGenerator(name="mog", components=2, samples_per_class=4)
+        settings = MogGenerator(name="mog", components=2)
     single = generators.fit_bank(data, settings, seed=7)
     dask = generators.fit_bank(data, settings, seed=7, client=cluster)
     assert single.class_ids == dask.class_ids == sorted(data)

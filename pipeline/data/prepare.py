@@ -24,6 +24,7 @@ from pipeline.config import (
 )
 from pipeline.data import shapes as shapes_world
 from pipeline.data.manifest import Prepared, Sample, load_prepared, write_manifest
+from pipeline.errors import UserError
 from pipeline.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file or class at fault."""
 
 
