@@ -87,8 +87,11 @@ def calibration(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) ->
     from pipeline.compat import import_torchmetrics_classification
 
     classification = import_torchmetrics_classification()
+    # torchmetrics wants 2+ classes; a zero-probability column leaves the top-label ECE as it
+    # is (one seen class: every prediction is certain and right).
+    padded = probs if probs.shape[1] > 1 else torch.cat([probs, torch.zeros_like(probs)], dim=1)
     ece = classification.multiclass_calibration_error(
-        probs, targets, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
+        padded, targets, num_classes=padded.shape[1], n_bins=n_bins, norm="l1"
     ).item()
     confidence, predicted = probs.max(dim=-1)
     correct = (predicted == targets).float()

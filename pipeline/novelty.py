@@ -49,6 +49,21 @@ def scores_of(classifier, embeddings) -> dict[str, Any]:
     return scores
 
 
+def known_and_new(champion_class_names: list[str], seen_inputs: list[TaskInputs]) -> tuple[list[int], list[int], list[str]]:
+    """This lineage's ids of the earlier classes the champion knows and of the arriving
+    classes it does not, and the names of arriving classes it already knows.
+
+    Matched by name, as the gate does: ids are this lineage's numbering, and a champion
+    registered by another run of the model may number the same classes otherwise. A
+    champion from an earlier run of the same lineage may know arriving classes already
+    (a stream never repeats a class): those are not new to it."""
+    names = set(champion_class_names)
+    arriving = seen_inputs[-1]
+    known = [c for t in seen_inputs[:-1] for c, n in zip(t.class_ids, t.class_names) if n in names]
+    new = [c for c, n in zip(arriving.class_ids, arriving.class_names) if n not in names]
+    return known, new, [n for n in arriving.class_names if n in names]
+
+
 def check_arrival(tracker, task: int, seen_inputs: list[TaskInputs], backbone_sha256: str) -> dict[str, Any]:
     from pipeline import registry
     from pipeline.evaluate import novelty_detection
@@ -66,13 +81,9 @@ def check_arrival(tracker, task: int, seen_inputs: list[TaskInputs], backbone_sh
     if info["backbone"]["sha256"] != backbone_sha256:
         return {**result, "status": "skipped",
                 "summary": f"champion v{champion.version} uses another backbone ({info['backbone']['sha256'][:12]})"}
-    earlier = [c for t in seen_inputs[:-1] for c in t.class_ids]
-    known = [c for c in classifier.class_ids if c in set(earlier)]
-    # A champion from an earlier run of the same lineage may know the arriving classes
-    # already (a stream never repeats a class): those are not new to it.
-    new = [c for c in arriving.class_ids if c not in set(classifier.class_ids)]
-    if len(new) < len(arriving.class_ids):
-        result["already_known"] = [n for c, n in zip(arriving.class_ids, arriving.class_names) if c not in new]
+    known, new, already_known = known_and_new(info["class_names"], seen_inputs)
+    if already_known:
+        result["already_known"] = already_known
     if not known or not new:
         missing = f"none of tasks 1..{task - 1}'s classes" if not known else "every arriving class already"
         return {**result, "status": "skipped", "summary": f"champion v{champion.version} knows {missing}"}

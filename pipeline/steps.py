@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -747,6 +748,8 @@ def run_report(cfg: Config) -> dict[str, Any]:
             arrivals = list(report["arrivals"].values())
             headline["arrival_flagged_fraction_mean"] = sum(a["flagged_fraction"] for a in arrivals) / len(arrivals)
             headline["arrival_auroc_mean"] = sum(a["auroc"] for a in arrivals) / len(arrivals)
+        # A quantity that does not exist (transfer in a stream) is null, not NaN (not JSON).
+        headline = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in headline.items()}
         write_json(Path(cfg.paths.metrics) / "report.json", {**headline, "method": cfg.method.name, "seed": cfg.seed})
         write_json(Path(cfg.paths.metrics) / "report_details.json", report)
         plots = Path(cfg.paths.plots)
@@ -775,16 +778,24 @@ def run_report(cfg: Config) -> dict[str, Any]:
     return report
 
 
+def _figure(value: float | None, spec: str = ".1f", scale: float = 100.0, unit: str = "%") -> str:
+    """A percentage (or points) for the report; ``n/a`` for a quantity that does not exist
+    (transfer in a stream, forgetting after one task), never ``nan%``."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{scale * value:{spec}}{unit}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     steps = "  ".join(f"{100 * a:5.1f}" for a in report["step_accuracy"])
     lines = [
         f"method {report['method']}, seed {report['seed']}",
         f"  per-step accuracy (%): {steps}",
-        f"  average incremental accuracy {100 * report['average_incremental_accuracy']:.1f}%, "
-        f"last {100 * report['last_accuracy']:.1f}%, forgetting {100 * report['forgetting']:.1f} pts, "
-        f"backward transfer {100 * report['backward_transfer']:+.1f} pts, transfer {100 * report['transfer']:.1f}%",
-        f"  calibration error (ECE, 15 bins) after the last task {100 * report['ece_last']:.1f}%, "
-        f"mean over tasks {100 * report['ece_mean']:.1f}%",
+        f"  average incremental accuracy {_figure(report['average_incremental_accuracy'])}, "
+        f"last {_figure(report['last_accuracy'])}, forgetting {_figure(report['forgetting'], unit=' pts')}, "
+        f"backward transfer {_figure(report['backward_transfer'], '+.1f', unit=' pts')}, transfer {_figure(report['transfer'])}",
+        f"  calibration error (ECE, 15 bins) after the last task {_figure(report['ece_last'])}, "
+        f"mean over tasks {_figure(report['ece_mean'])}",
     ]
     if report["novelty"]:  # benchmark mode: the later tasks' classes are known
         lines.append(

@@ -451,12 +451,22 @@ def scan_batch(source, batch: str, test_fraction: float) -> BatchScan:
 
 
 def _hash_split(items: list[tuple[str, str, int]], fraction: float) -> dict[str, list[tuple[str, str, int]]]:
+    """About ``fraction`` of a class's images to test, chosen by content hash (stable across
+    re-ingests and machines). Byte-identical files (one hash) go to the same side, so no
+    test image is also a training image; at least one image stays in train."""
     n = len(items)
     if n < 2:
         return {"train": list(items), "test": []}
     n_test = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
-    ranked = sorted(items, key=lambda item: (item[1], item[0]))
-    test = {item[0] for item in ranked[:n_test]}
+    by_hash: dict[str, list[str]] = {}
+    for key, md5, _ in items:
+        by_hash.setdefault(md5, []).append(key)
+    test: set[str] = set()
+    for md5 in sorted(by_hash):
+        if len(test) >= n_test:
+            break
+        if len(test) + len(by_hash[md5]) <= n - 1:
+            test.update(by_hash[md5])
     return {
         "train": [item for item in items if item[0] not in test],
         "test": [item for item in items if item[0] in test],

@@ -312,3 +312,34 @@ def test_a_prompt_state_without_a_head_is_named(world):
     cfg = _clap(world)
     with pytest.raises(TaskInputError, match=r"task-01\.safetensors.*no probabilistic head.*'cgil'"):
         steps.run_evaluate(cfg, 1)
+
+
+def test_a_benchmark_with_one_class_per_task_runs(world):
+    from conftest import TINY
+    from pipeline import config
+
+    cfg = config.load(None, TINY + ["split.n_tasks=9", "method.head.mc_train=2", "method.head.mc_test=2"])
+    steps.run_split(cfg)
+    _run_tasks(cfg, 2)
+    split = load_split(cfg.paths.split)
+    _, info = load_prompt_state(task_file(cfg.paths.prompts, 2))
+    assert info["seen"] == seen_classes(split, 2) and len(info["seen"]) == 2 and info["head_tasks"] == "2"
+    first = read_json(task_file(cfg.paths.evaluations, 1, ".json"))
+    assert first["accuracy_row"] == {"1": 1.0} and set(first["transfer"]) == {str(k) for k in range(2, 10)}
+
+
+def test_a_class_features_do_not_depend_on_the_other_seen_classes(world):
+    """Before any training, a class's tokens (and features) are the same whatever else is
+    seen: an arriving class shifts no old class."""
+    backbone = backbone_lib.load_backbone(world.paths.backbone)
+    text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
+    names = ["red circle", "green square", "blue star"]
+    learner = PromptLearner(backbone.model, backbone.tokenizer, n_ctx=1, feature_dim=text["class_features"].shape[1])
+    learner.reset(0)
+    learner.add_classes([0], names[:1], text["class_features"][:1], seed=0)
+    learner.eval()
+    with torch.no_grad():
+        alone = learner.features(torch.tensor([0]))
+        learner.add_classes([1, 2], names[1:], text["class_features"][1:3], seed=0)
+        together = learner.features(torch.tensor([0, 1, 2]))
+    assert torch.allclose(alone[0], together[0], atol=1e-6)

@@ -116,3 +116,22 @@ def test_novel_class_detection_on_known_cases():
     # Large energies stay ordered (a sigmoid squashing them would tie them at 1.0).
     energies = novelty_detection(torch.tensor([100.0, 101.0]), torch.tensor([99.0, 98.0]))
     assert energies["auroc"] == pytest.approx(1.0)
+
+
+def test_the_arrival_check_matches_the_champions_classes_by_name_not_id():
+    from pathlib import Path
+
+    from pipeline.novelty import known_and_new
+    from pipeline.tasks import TaskInputs
+
+    def task(t, ids, names):
+        return TaskInputs(t, ids, names, Path("train"), Path("test"), Path("text"))
+
+    seen = [task(1, [0, 1], ["red circle", "blue star"]), task(2, [2, 3], ["green cross", "red square"])]
+    # The champion numbers the same classes otherwise (another run of the model), and knows
+    # one arriving class already.
+    champion = ["blue star", "red circle", "red square"]
+    known, new, already = known_and_new(champion, seen)
+    assert known == [0, 1] and new == [2] and already == ["red square"]
+    # An id-based match would have called class 2 known (the champion has a column 2).
+    assert known_and_new(["lonely"], seen) == ([], [2, 3], [])

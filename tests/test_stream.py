@@ -488,3 +488,17 @@ def test_stream_config_needs_a_source(project):
         config.load(None, ["dataset=stream"])
     cfg = config.load(None, ["dataset=stream", "dataset.source=s3://bucket/in"])
     assert (cfg.dataset.test_fraction, cfg.dataset.ledger_uri, cfg.paths.ledger) == (0.2, None, "ledger.yaml")
+
+
+def test_hash_split_keeps_byte_identical_duplicates_on_one_side():
+    # Six distinct images and three copies of one: whichever side the copies land on, all
+    # three land there, and train keeps at least one image.
+    items = [(f"b/c/{i}.png", f"{i:032x}", 10) for i in range(6)] + [(f"b/c/dup-{i}.png", "0" * 31 + "f", 10) for i in range(3)]
+    for fraction in (0.1, 0.2, 0.5, 0.9):
+        split = stream._hash_split(items, fraction)
+        sides = {key for key, md5, _ in split["test"] if md5 == "0" * 31 + "f"}
+        assert len(sides) in (0, 3), (fraction, split)
+        assert split["train"] and len(split["train"]) + len(split["test"]) == len(items)
+    # Only copies of one image: nothing can be a test image without also being a train one.
+    copies = [(f"b/c/{i}.png", "a" * 32, 10) for i in range(4)]
+    assert stream._hash_split(copies, 0.2) == {"train": copies, "test": []}

@@ -94,3 +94,18 @@ def test_each_batch_becomes_one_task_and_only_its_stages_run(stream_repo):
     versions = _classifier_versions(root)
     assert sorted(int(v.tags["class_count"]) for v in versions) == [3, 6, 9]
     assert "up to date" in _sh(root, "dvc", "status").stdout
+
+
+def test_a_stream_whose_first_batch_has_one_class_runs(stream_repo):
+    """g is a per-class map (its BatchNorm has fixed statistics, as the reference's), so a
+    task of one class trains like any other: the stream's first batch may have one class."""
+    root, source = stream_repo
+    _sh(root, "recall", "stream-demo", str(source), "--batches", "9", "--next")
+    first = _sh(root, "recall", "update")
+    assert _ran(first.stdout) == SETUP | _task_stages(1) | {"report"}, first.stdout
+    [version] = _classifier_versions(root)
+    assert version.tags["class_count"] == "1"
+    report = yaml.safe_load((root / "metrics/report.json").read_text())
+    # One task: nothing to forget, no future class to transfer to; none is a number.
+    assert report["transfer"] is None and report["forgetting"] is None
+    assert "transfer n/a" in _sh(root, "recall", "summary").stdout
