@@ -4,7 +4,7 @@ each seed's split, generators and replay are shared by the methods, each (seed, 
 writes its own prompts and evaluations under --out. Prints a markdown table of
 mean +- std over seeds.
 
-    python -m benchmarks.compare_methods --seeds 0 1 2 --methods zeroshot sequential cgil clap joint
+    python -m benchmarks.compare_methods --seeds 0 1 2 --methods zeroshot sequential cgil clap joint probe
     python -m benchmarks.compare_methods --methods clap --label sgd -- method.head.optimizer=sgd
 
 Every method runs the same prompt schedule (the `schedule` group: the demo's under the
@@ -87,7 +87,7 @@ def collect(out: Path, seeds: list[int], names: list[str]) -> dict[str, list[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "clap", "joint"])
+    parser.add_argument("--methods", nargs="+", default=["zeroshot", "sequential", "cgil", "clap", "joint", "probe"])
     parser.add_argument("--label", default="", help="name of a variant (its overrides follow)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"))
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already under --out")
