@@ -213,3 +213,85 @@ def test_head_state_round_trips():
     a = Classifier(ids, features, 10.0, head, class_task, noise).sample_logits(images)
     b = Classifier(ids, features, 10.0, loaded, class_task, noise).sample_logits(images)
     assert torch.equal(a, b)
+
+
+class _TinyLearner(torch.nn.Module):
+    """What train_with_head needs of a prompt learner: context vectors, a generator, and
+    class features from them."""
+
+    def __init__(self, n_classes: int, dim: int):
+        super().__init__()
+        self.ctx = torch.nn.Parameter(torch.randn(n_classes, dim))
+        self.generator = torch.nn.Linear(dim, dim)
+
+    def features(self, class_ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.generator(self.ctx[class_ids]), dim=-1)
+
+
+def _train_two_tasks(head_lr: float, monkeypatch=None):
+    from pipeline.config import HeadConfig, PromptConfig
+    from pipeline.head import train_with_head
+    from pipeline.prompts import TrainingSet
+
+    torch.manual_seed(0)
+    dim, seen = 8, [0, 1, 2, 3]
+    learner = _TinyLearner(4, dim)
+    head = ProbabilisticHead(dim, ff_width=16, dropout=0.5)
+    templates = torch.randn(4, 3, dim)
+    mean, variance = text_statistics(templates)
+    head.add_task(mean[:2], variance[:2])
+    head.add_task(mean, variance)
+    centres = torch.randn(4, dim)
+
+    def draw(epoch: int):
+        g = torch.Generator().manual_seed(epoch)
+        y = torch.arange(4).repeat(4)
+        return centres[y] + 0.1 * torch.randn(len(y), dim, generator=g), y
+
+    prompt = PromptConfig(n_ctx=1, lr=0.05, epochs=2, batch_size=8, per_class_per_epoch=4)
+    settings = HeadConfig(mc_train=2, mc_test=2, kl_weight=1e-3, lang_weight=1.0, prior="standard",
+                          balanced_finetune_epochs=1, balanced_finetune_lr_scale=0.1, optimizer="adamw", lr=head_lr)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    ctx_before = learner.ctx.detach().clone()
+    train_with_head(learner, head, TrainingSet(seen, draw, "d"), seen, torch.tensor([1, 1, 2, 2]), 2, templates,
+                    prompt, settings, logit_scale=10.0, seed=0)
+    return head, before, learner, ctx_before
+
+
+def test_the_head_trains_at_its_own_learning_rate():
+    head, before, learner, ctx_before = _train_two_tasks(head_lr=1e-12)
+    # The prompts moved at the prompt lr; the head (its own group) did not, at lr 1e-12.
+    assert not torch.allclose(learner.ctx, ctx_before)
+    assert all(torch.allclose(head.state_dict()[k], v, atol=1e-8) for k, v in before.items())
+    head, before, _, _ = _train_two_tasks(head_lr=1e-2)
+    assert not torch.allclose(head.state_dict()["encoders.1.mean.weight"], before["encoders.1.mean.weight"])
+
+
+def test_balanced_finetuning_runs_the_attention_frozen_in_eval_mode_and_unfreezes_every_encoder(monkeypatch):
+    from pipeline.head import VisualGuidedAttention
+
+    modes = []
+    forward = VisualGuidedAttention.forward
+
+    def recording(self, *args, **kwargs):
+        modes.append(self.training)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisualGuidedAttention, "forward", recording)
+    head, before, _, _ = _train_two_tasks(head_lr=1e-2)
+    # 2 epochs of the task's own training (2 batches each) with dropout, then 1 epoch of
+    # balanced finetuning (2 batches) in eval mode.
+    assert modes == [True] * 4 + [False] * 2
+    # Task 1's encoder is trained only in balanced finetuning (it is frozen in task 2's own).
+    assert not torch.allclose(head.state_dict()["encoders.0.mean.weight"], before["encoders.0.mean.weight"])
+
+
+def test_kl_over_a_task_s_columns_is_that_of_those_columns_alone():
+    head = _trained_like_head()
+    torch.manual_seed(2)
+    images, features = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    class_task = torch.tensor([1, 1, 2, 2])
+    out = head(images, features, class_task, 10.0, torch.randn(2, 4, 8))
+    columns = torch.tensor([2, 3])
+    by_hand = 0.5 * (out.sigma[:, columns] ** 2 + out.mu[:, columns] ** 2 - 1) - out.sigma[:, columns].log()
+    assert kl_to_prior(head, out, features, class_task, "standard", columns).item() == pytest.approx(by_hand.sum(-1).mean().item(), rel=1e-5)
