@@ -9,6 +9,8 @@ and every later step loads the backbone from that folder alone.
 from __future__ import annotations
 
 import logging
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -89,19 +91,40 @@ def _from_hub(cfg: BackboneConfig) -> torch.nn.Module:
         ) from None
 
 
+# Entries of OpenAI's TorchScript releases that are settings, not weights of the model.
+_OPENAI_ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return read_tensors(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            torchscript = any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+        if torchscript:
+            # OpenAI's original releases (what `clip.load` downloads) are TorchScript archives,
+            # which torch.load refuses with weights_only; torch.jit.load runs no pickled Python.
+            # (torch deprecates torch.jit in favour of torch.export, which cannot read these files.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            return {k: v for k, v in state.items() if k not in _OPENAI_ARCHIVE_EXTRAS}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _from_file(cfg: BackboneConfig) -> torch.nn.Module:
     path = Path(cfg.checkpoint or "").expanduser()
     if not path.is_file():
         raise BackboneError(f"backbone.checkpoint: file not found: {path}")
     model = create_untrained(cfg.arch)
     try:
-        if path.suffix == ".safetensors":
-            state = read_tensors(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        # Buffers the model computes itself (the causal mask) are not weights; a TorchScript
+        # archive saves them all the same.
+        computed = set(dict(model.named_buffers())) - set(model.state_dict())
+        state = {k.removeprefix("module."): v for k, v in state.items() if k.removeprefix("module.") not in computed}
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise BackboneError(f"{path}: not a usable {cfg.arch!r} checkpoint: {exc}") from None

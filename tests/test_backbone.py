@@ -34,6 +34,24 @@ def test_backbone_from_a_local_checkpoint_file(project, suffix):
     assert tokens.shape == (1, loaded.info["context_length"])
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace_method` is deprecated")
+def test_backbone_from_openai_torchscript_release(project):
+    """OpenAI's original ``ViT-B-16.pt`` (what ``clip.load`` downloads) is a TorchScript
+    archive holding the weights under open_clip's names plus a few settings."""
+    model = _random_tiny(0)
+    for key, value in {"input_resolution": 32, "context_length": 77, "vocab_size": 49408}.items():
+        model.__dict__.pop(key, None)  # open_clip keeps some as plain attributes; OpenAI as tensors
+        model.register_buffer(key, torch.tensor(value))
+    images = torch.randn(2, 3, 32, 32)
+    path = project / "ViT-tiny.pt"
+    torch.jit.trace_module(model, {"encode_image": (images,)}).save(str(path))
+    cfg = config.load(None, ["backbone=local_file", "backbone.arch=recall-tiny", f"backbone.checkpoint={path}"])
+    backbone_lib.materialise(cfg.backbone, "models/backbone")
+    loaded = backbone_lib.load_backbone("models/backbone")
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model.encode_image(images), model.encode_image(images), atol=1e-6)
+
+
 def test_missing_checkpoint_file_is_named(project):
     cfg = config.load(None, ["backbone=local_file", "backbone.arch=recall-tiny", "backbone.checkpoint=/nowhere/w.pt"])
     with pytest.raises(BackboneError, match=r"file not found: /nowhere/w\.pt"):

@@ -63,7 +63,7 @@ def test_paper_profiles_set_a_whole_paper_run_and_fail_clearly_offline(project, 
     from pipeline.data.prepare import DatasetUnavailable
 
     cfg = config.load(None, [f"experiment={profile}", f"dataset.root={project / 'raw'}"])
-    assert (cfg.dataset.name, cfg.backbone.arch, cfg.backbone.pretrained) == (dataset, "ViT-B-16", "openai")
+    assert (cfg.dataset.name, cfg.backbone.arch, cfg.backbone.pretrained) == (dataset, "ViT-B-16-quickgelu", "openai")
     assert cfg.split.n_tasks == 10
     assert (cfg.method.name, cfg.method.prompt.epochs, cfg.method.prompt.per_class_per_epoch) == ("clap", 60, 256)
     assert cfg.method.prompt.lr == 0.05 and (cfg.generator.hidden, cfg.generator.epochs) == (512, 500)
