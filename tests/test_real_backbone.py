@@ -14,7 +14,8 @@ from PIL import Image
 
 from pipeline import devstack
 
-pytestmark = pytest.mark.slow
+# Minutes on 2 cores (a 598 MB checkpoint through every stage): make test-full only.
+pytestmark = [pytest.mark.slow, pytest.mark.real_size]
 
 # What conf/backbone/local_file.yaml builds by default: OpenAI's ViT-B/16 (QuickGELU).
 ARCH = "ViT-B-16-quickgelu"
