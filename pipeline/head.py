@@ -90,8 +90,9 @@ class VisualGuidedAttention(nn.Module):
         weight ``g``, ``linear1(x) = rstd (W1 (g * q'_c) + W1 (g * a'_i)) + W1 beta + b1``,
         where ``q'``, ``a'`` are the two terms less their own means (the pair's mean is their
         sum) and ``rstd`` the pair's norm2 scale, read from the [B, C, d] sum the residual
-        needs anyway: ``d`` work per pair instead of ``d * ff_width``. linear2 has no such
-        split (gelu sits between), nor has norm3 (its input holds linear2's output)."""
+        needs anyway: per pair and hidden unit an add and a multiply instead of ``d``
+        multiply-adds, forward and backward. linear2 has no such split (gelu sits between),
+        nor has norm3 (its input holds linear2's output)."""
         layer = self.layer
         norm2, linear1 = layer.norm2, layer.linear1
         summed = cross[:, None, :] + query[None]
