@@ -40,7 +40,12 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 class VisualGuidedAttention(nn.Module):
     """One transformer-decoder layer (width ``d``, 1 head, GELU) evaluated per image, as in
-    the reference: feed-forward width 2048 and dropout 0.1 in training by default."""
+    the reference: feed-forward width 2048 and dropout 0.1 in training by default.
+
+    Its cost is the feed-forward block on every (image, class) pair, ``[B, C, ff_width]``.
+    Without per-pair dropout (inference, or training with dropout 0) linear1 is formed
+    exactly from a per-class and a per-image product (``_separable_tail``); with it (the
+    finetuning's dropout 0.1) linear1's input differs per pair and runs as in the plain layer."""
 
     def __init__(self, dim: int, ff_width: int = 2048, dropout: float = 0.1, zero_init_output: bool = False):
         super().__init__()
@@ -50,6 +55,9 @@ class VisualGuidedAttention(nn.Module):
         if zero_init_output:
             # The head then starts as the deterministic learner (v_c = 0); an ablation only.
             nn.init.zeros_(self.layer.norm3.weight)
+        # True: the plain layer's operations, linear1 per pair (the reference of the tests
+        # and of benchmarks/head_attention.py). An attribute, not part of the state.
+        self.plain = False
 
     def forward(self, class_features: torch.Tensor, images: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
         """``v`` of shape ``[B, C, d]`` for ``class_features [C, d]`` and ``images [B, d]``."""
@@ -69,8 +77,90 @@ class VisualGuidedAttention(nn.Module):
             keep = F.dropout(projected.new_ones(images.shape[0], x.shape[1], 1), attn.dropout, training=True)
             projected = keep * projected
         cross = layer.dropout2(projected + attn.out_proj.bias)
+        if cross.shape[1] == 1 and not self.plain and layer.activation is F.gelu:
+            return self._separable_tail(x[0], cross[:, 0])
+        # Dropout in training (the weight's dropout a factor per pair, dropout2 a mask per
+        # pair and dimension) gives every (image, class) pair its own cross term, so linear1's
+        # input has no per-class + per-image split: the plain layer, linear1 per pair.
         x = layer.norm2(x + cross)
         return layer.norm3(x + layer._ff_block(x))
+
+    def _separable_tail(self, query: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """``norm3(x + ff(x))`` for ``x = norm2(query_c + cross_i)``, ``query [C, d]`` and
+        ``cross [B, d]``, with linear1 never applied per pair. Centred and scaled by norm2's
+        weight ``g``, ``linear1(x) = rstd (W1 (g * q'_c) + W1 (g * a'_i)) + W1 beta + b1``,
+        where ``q'``, ``a'`` are the two terms less their own means (the pair's mean is their
+        sum) and ``rstd`` the pair's norm2 scale, read from the [B, C, d] sum the residual
+        needs anyway: per pair and hidden unit an add and a multiply instead of ``d``
+        multiply-adds, forward and backward. linear2 has no such split (gelu sits between),
+        nor has norm3 (its input holds linear2's output)."""
+        layer = self.layer
+        norm2, linear1 = layer.norm2, layer.linear1
+        summed = cross[:, None, :] + query[None]
+        variance, _ = torch.var_mean(summed, dim=-1, unbiased=False)
+        scaled = linear1.weight * norm2.weight
+        hidden = _PairGelu.apply(
+            F.linear(query - query.mean(dim=-1, keepdim=True), scaled),
+            F.linear(cross - cross.mean(dim=-1, keepdim=True), scaled),
+            torch.rsqrt(variance + norm2.eps),
+            F.linear(norm2.bias, linear1.weight, linear1.bias),
+        )
+        ff = layer.dropout3(layer.linear2(layer.dropout(hidden)))
+        return layer.norm3(layer.norm2(summed) + ff)
+
+
+# Elements of one chunk of [B, C, F] pairs: a chunk's temporaries stay in a core's cache, so
+# a fused pass reads and writes main memory once, without a [B, C, F] tensor per operation.
+_PAIR_CHUNK = 1 << 18
+
+
+def _pair_chunks(pairs: torch.Tensor) -> list[slice]:
+    """Slices of whole images (the first dimension) of about ``_PAIR_CHUNK`` elements; one
+    slice off the CPU, where a kernel launch per chunk would cost more than it saves."""
+    if pairs.device.type != "cpu":
+        return [slice(0, len(pairs))]
+    step = max(1, _PAIR_CHUNK // max(1, pairs.shape[1:].numel()))
+    return [slice(start, start + step) for start in range(0, len(pairs), step)]
+
+
+class _PairGelu(torch.autograd.Function):
+    """``gelu(rstd[b, c] * (per_class[c] + per_image[b]) + offset)``, ``[B, C, F]``, a chunk
+    of images at a time: the pre-activation exists per chunk only (rebuilt in backward), and
+    backward reduces each chunk's gradient to the four small inputs' at once."""
+
+    @staticmethod
+    def forward(ctx, per_class, per_image, rstd, offset):
+        ctx.save_for_backward(per_class, per_image, rstd, offset)
+        out = per_class.new_empty(len(per_image), *per_class.shape)
+        for rows in _pair_chunks(out):
+            pre = torch.add(per_image[rows, None, :], per_class[None], out=out[rows])
+            torch.ops.aten.gelu_(pre.mul_(rstd[rows, :, None]).add_(offset))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        per_class, per_image, rstd, offset = ctx.saved_tensors
+        want_class, want_image, want_rstd, want_offset = ctx.needs_input_grad
+        d_class = torch.zeros_like(per_class) if want_class else None
+        d_image = torch.empty_like(per_image) if want_image else None
+        d_rstd = torch.empty_like(rstd) if want_rstd else None
+        d_offset = torch.zeros_like(offset) if want_offset else None
+        for rows in _pair_chunks(grad):
+            r = rstd[rows, :, None]
+            summed = per_image[rows, None, :] + per_class[None]
+            # The forward's operations in its order, so the pre-activation is the same bits.
+            g = torch.ops.aten.gelu_backward(grad[rows], (summed * r).add_(offset))
+            if want_offset:
+                d_offset += g.sum(dim=(0, 1))
+            if want_rstd:
+                d_rstd[rows] = torch.linalg.vecdot(g, summed)
+            if want_class or want_image:
+                g = g.mul_(r)
+                if want_class:
+                    d_class += g.sum(dim=0)
+                if want_image:
+                    d_image[rows] = g.sum(dim=1)
+        return d_class, d_image, d_rstd, d_offset
 
 
 class DistributionEncoder(nn.Module):

@@ -54,6 +54,39 @@ def test_attention_is_one_decoder_layer_over_the_image_alone():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_rewrite_is_the_plain_layer_forward_and_backward(training):
+    """The per-class + per-image linear1 (inference; training with dropout 0) against the
+    plain decoder layer run on each image alone: outputs and the gradients of every parameter, the class
+    features and the images. 60 images of 5 classes span several chunks, the last partial."""
+    torch.manual_seed(0)
+    head = ProbabilisticHead(DIM, dropout=0.0 if training else 0.1)
+    with torch.no_grad():
+        for p in head.attention.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # norm2's weight and bias away from 1 and 0 too
+    attention = head.attention.train(training)
+    layer = attention.layer
+    assert attention.state_dict().keys() == {f"layer.{k}" for k in torch.nn.TransformerDecoderLayer(DIM, 1).state_dict()}
+    _, features, class_task = _classes()
+    features = (features + 0.5).requires_grad_(True)  # means away from 0: the centring matters
+    images = (torch.randn(60, DIM) - 0.3).requires_grad_(True)
+    weights = torch.randn(60, 5, DIM)
+    mask = class_task[:, None] != class_task[None, :]
+
+    def outputs_and_grads(run):
+        for t in [features, images, *attention.parameters()]:
+            t.grad = None
+        out = run()
+        (weights * out).sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in [features, images, *attention.parameters()]]
+
+    ours = outputs_and_grads(lambda: attention(features, images, class_task))
+    # Each image its own sequence of the batch, with one key: the plain layer per image.
+    plain = outputs_and_grads(lambda: layer(features.expand(len(images), -1, -1), images[:, None], tgt_mask=mask))
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_a_prediction_does_not_depend_on_the_rest_of_its_batch():
     head = _trained_like_head()
     ids, features, class_task = _classes()
