@@ -49,7 +49,8 @@ SPLIT_FOLDERS = ("train", "test")
 LEDGER_VERSION = 1
 
 # Bounded retries (botocore's "standard" mode: throttling, 5xx, connection resets) and
-# short timeouts, so an unreachable endpoint fails in seconds instead of minutes.
+# short timeouts, so an unreachable endpoint fails in seconds instead of minutes. botocore
+# reads max_attempts as the retries after the first attempt: 4 attempts in all.
 S3_MAX_ATTEMPTS = 3
 S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 20
