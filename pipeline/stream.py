@@ -20,6 +20,7 @@ no message here ever carries a credential.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -29,10 +30,11 @@ import os
 import re
 import tempfile
 import urllib.parse
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 from torch.utils.data import Dataset
@@ -48,10 +50,18 @@ SPLIT_FOLDERS = ("train", "test")
 LEDGER_VERSION = 1
 
 # Bounded retries (botocore's "standard" mode: throttling, 5xx, connection resets) and
-# short timeouts, so an unreachable endpoint fails in seconds instead of minutes.
+# short timeouts, so an unreachable endpoint fails in seconds instead of minutes. botocore
+# reads max_attempts as the retries after the first attempt: 4 attempts in all.
 S3_MAX_ATTEMPTS = 3
 S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 20
+# An S3 request costs a round trip and little bandwidth, so one source keeps this many
+# GETs and HEADs in flight (per process: each DataLoader worker has its own), and ingest
+# lists this many batches at once (ListObjectsV2 pages one prefix sequentially).
+S3_REQUESTS_IN_FLIGHT = 16
+LISTINGS_IN_FLIGHT = 4
+# Sized so that no request waits for (or throws away) a connection.
+S3_MAX_POOL_CONNECTIONS = S3_REQUESTS_IN_FLIGHT + LISTINGS_IN_FLIGHT
 # Each lost race for an entry means another ingest appended one; more than this many in a
 # row means something else is wrong with the ledger store.
 MAX_APPEND_ATTEMPTS = 50
@@ -82,6 +92,24 @@ class SourceObject:
     key: str
     size: int
     md5: str | None = None
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], executor: Executor, window: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, run on ``executor`` and yielded in the items' order, with
+    at most ``window`` results running or waiting (bounded memory on a long list). The first
+    failure in that order is raised where its result would have been; the calls not yet
+    started are cancelled."""
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 # --------------------------------------------------------------------------- sources
@@ -147,6 +175,16 @@ class FolderSource:
     def md5(self, obj: SourceObject) -> str:
         return hashlib.md5((self.root / obj.key).read_bytes()).hexdigest()
 
+    # A local read has no round trip to hide: the many-key forms are plain loops.
+    def read_many(self, keys: Iterable[str]) -> Iterator[bytes]:
+        return map(self.read, keys)
+
+    def md5s(self, objects: list[SourceObject]) -> list[str]:
+        return [self.md5(obj) for obj in objects]
+
+    def exists_many(self, keys: Iterable[str]) -> list[bool]:
+        return [self.exists(key) for key in keys]
+
 
 def _raise(error: OSError) -> None:
     raise error
@@ -161,10 +199,13 @@ class S3Source:
         self.endpoint_url = resolve_endpoint(endpoint_url)
         self._client = None
         self._client_pid = None
+        self._pool = None
+        self._pool_pid = None
 
-    # A boto3 client must not cross a fork (DataLoader workers), nor be pickled.
+    # A boto3 client and a thread pool must not cross a fork (DataLoader workers), nor be
+    # pickled (dask workers). One client serves every thread: boto3 clients are thread-safe.
     def __getstate__(self):
-        return {**self.__dict__, "_client": None, "_client_pid": None}
+        return {**self.__dict__, "_client": None, "_client_pid": None, "_pool": None, "_pool_pid": None}
 
     @property
     def client(self):
@@ -172,6 +213,15 @@ class S3Source:
             self._client = s3_client(self.endpoint_url)
             self._client_pid = os.getpid()
         return self._client
+
+    def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``fn`` over ``items`` with S3_REQUESTS_IN_FLIGHT at a time, results in order.
+        ``fn`` must not itself wait on this pool (it would deadlock when the pool is full)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT, thread_name_prefix="s3-read")
+            self._pool_pid = os.getpid()
+        self.client  # made once here, not raced for by the pool's threads
+        return ordered_map(fn, items, self._pool, S3_REQUESTS_IN_FLIGHT)
 
     def batch_uri(self, batch: str) -> str:
         return f"{self.uri}{batch}/"
@@ -217,6 +267,19 @@ class S3Source:
 
     def md5(self, obj: SourceObject) -> str:
         return obj.md5 or hashlib.md5(self.read(obj.key)).hexdigest()
+
+    def read_many(self, keys: Iterable[str]) -> Iterator[bytes]:
+        """The bytes of each key, in order, fetched concurrently (each read as ``read``)."""
+        return self._map(self.read, keys)
+
+    def md5s(self, objects: list[SourceObject]) -> list[str]:
+        """``md5`` of each object, in order; only those without an MD5 ETag are read."""
+        unread = [obj.key for obj in objects if not obj.md5]
+        hashed = dict(zip(unread, (hashlib.md5(data).hexdigest() for data in self.read_many(unread))))
+        return [obj.md5 or hashed[obj.key] for obj in objects]
+
+    def exists_many(self, keys: Iterable[str]) -> list[bool]:
+        return list(self._map(self.exists, keys))
 
     def _pages(self, **kwargs):
         paginator = self.client.get_paginator("list_objects_v2")
@@ -270,6 +333,7 @@ def s3_client(endpoint_url: str | None):
         retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         read_timeout=S3_READ_TIMEOUT_S,
+        max_pool_connections=S3_MAX_POOL_CONNECTIONS,
     )
     # Region and credentials: the standard chain only (env, AWS_PROFILE, ~/.aws, roles).
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
@@ -389,25 +453,28 @@ def scan_batch(source, batch: str, test_fraction: float) -> BatchScan:
     images: dict[tuple[str | None, str], list[tuple[str, str, int]]] = {}
     misplaced = []
     digest_lines = []
+    placed = []
+    for obj in listing:
+        parts = obj.key.rstrip("/").split("/")
+        # A class folder exists once anything is in it, so one without images is "empty".
+        if len(parts) >= depth - 1 and (len(parts) > depth - 1 or obj.key.endswith("/")):
+            images.setdefault((parts[1] if explicit else None, parts[depth - 2]), [])
+        if not is_image_key(obj.key):
+            continue
+        if len(parts) != depth:
+            misplaced.append(obj.key)
+            continue
+        placed.append((obj, parts))
     try:
-        for obj in listing:
-            parts = obj.key.rstrip("/").split("/")
-            # A class folder exists once anything is in it, so one without images is "empty".
-            if len(parts) >= depth - 1 and (len(parts) > depth - 1 or obj.key.endswith("/")):
-                images.setdefault((parts[1] if explicit else None, parts[depth - 2]), [])
-            if not is_image_key(obj.key):
-                continue
-            if len(parts) != depth:
-                misplaced.append(obj.key)
-                continue
-            md5 = source.md5(obj)
-            images.setdefault((parts[1] if explicit else None, parts[-2]), []).append((obj.key, md5, obj.size))
-            digest_lines.append(f"{obj.key[len(batch) + 1:]}\t{obj.size}\t{md5}\n")
+        md5s = source.md5s([obj for obj, _ in placed])
     except SourceError:
         raise
     except (OSError, DataError) as exc:
         scan.problems.append(f"listing unreadable: {exc}")
         return scan
+    for (obj, parts), md5 in zip(placed, md5s):
+        images.setdefault((parts[1] if explicit else None, parts[-2]), []).append((obj.key, md5, obj.size))
+        digest_lines.append(f"{obj.key[len(batch) + 1:]}\t{obj.size}\t{md5}\n")
     scan.digest = "sha256:" + hashlib.sha256("".join(sorted(digest_lines)).encode()).hexdigest()
     if misplaced:
         shown = ", ".join(misplaced[:3]) + (f" and {len(misplaced) - 3} more" if len(misplaced) > 3 else "")
@@ -624,13 +691,13 @@ class S3LedgerStore:
         self.source.check()
 
     def read(self) -> list[Record]:
-        named = {}
+        names = []
         for page in self.source._pages(Prefix=self.source.prefix):
             for item in page.get("Contents", []):
                 name = item["Key"][len(self.source.prefix) :]
                 if re.fullmatch(r"entry-\d{6}\.json", name):
-                    named[name] = self.source.read(name)
-        return _parse_entries(named, self.uri)
+                    names.append(name)
+        return _parse_entries(dict(zip(names, self.source.read_many(names))), self.uri)
 
     def create(self, number: int, record: Record) -> None:
         from botocore.exceptions import ClientError
@@ -705,30 +772,19 @@ def ingest(
     records = store.read() if store is not None else [Record(entry) for entry in read_ledger(ledger_path)]
     known = {r.entry["batch"] for r in records}
     new: list[dict[str, Any]] = []
-    for batch in source.batches():
-        if batch in known or not source.exists(f"{batch}/{READY_MARKER}"):
-            continue
-        scan = scan_batch(source, batch, test_fraction)
-        for _ in range(MAX_APPEND_ATTEMPTS):
-            record = judge(scan, [r.entry for r in records], source)
-            if store is None:
-                break
-            try:
-                store.create(len(records) + 1, record)
-                break
-            except EntryTaken:
-                log.info("ledger entry %d was taken by another ingest; re-reading", len(records) + 1)
-                records = store.read()
-                if any(r.entry["batch"] == batch for r in records):
-                    record = None
-                    break
-        else:
-            raise DataError(f"{store.uri}: could not append batch {batch!r} after {MAX_APPEND_ATTEMPTS} tries")
-        if record is not None:
-            records.append(record)
-            new.append(record.entry)
-            log.info("%s: %s", batch, record.entry["status"])
-        known = {r.entry["batch"] for r in records}
+    waiting = [batch for batch in source.batches() if batch not in known]
+    # Readiness first, then the listing: a batch listed before its _READY could be partial.
+    ready = [batch for batch, ok in zip(waiting, source.exists_many(f"{b}/{READY_MARKER}" for b in waiting)) if ok]
+    # Batches are listed LISTINGS_IN_FLIGHT at a time, a few ahead of the one being judged;
+    # judging and appending stay one batch at a time, in order.
+    with ThreadPoolExecutor(LISTINGS_IN_FLIGHT, thread_name_prefix="scan") as pool:
+        scans = ordered_map(lambda b: scan_batch(source, b, test_fraction), ready, pool, LISTINGS_IN_FLIGHT)
+        for batch, scan in zip(ready, scans):
+            if batch not in known:
+                records, record = _append(scan, records, source, store)
+                if record is not None:
+                    new.append(record.entry)
+                known = {r.entry["batch"] for r in records}
 
     for record in records:
         if record.manifest is not None:
@@ -739,6 +795,29 @@ def ingest(
         with atomic_path(ledger_path) as tmp:
             tmp.write_text(text)
     return new
+
+
+def _append(scan: BatchScan, records: list[Record], source, store) -> tuple[list[Record], Record | None]:
+    """Judge a scanned batch as the next entry and append it (to ``store`` first, if any);
+    return the records, re-read if another ingest appended meanwhile, and the new record
+    (None when another ingest took this very batch)."""
+    batch = scan.batch
+    for _ in range(MAX_APPEND_ATTEMPTS):
+        record = judge(scan, [r.entry for r in records], source)
+        if store is None:
+            break
+        try:
+            store.create(len(records) + 1, record)
+            break
+        except EntryTaken:
+            log.info("ledger entry %d was taken by another ingest; re-reading", len(records) + 1)
+            records = store.read()
+            if any(r.entry["batch"] == batch for r in records):
+                return records, None
+    else:
+        raise DataError(f"{store.uri}: could not append batch {batch!r} after {MAX_APPEND_ATTEMPTS} tries")
+    log.info("%s: %s", batch, record.entry["status"])
+    return [*records, record], record
 
 
 def ingest_from_config(cfg) -> list[dict[str, Any]]:
@@ -789,10 +868,18 @@ class StreamImages(Dataset):
         return self.files[index]["key"]
 
     def __getitem__(self, index: int):
+        return self._item(index, self.source.read(self.files[index]["key"]))
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A DataLoader batch: its objects fetched concurrently (``source.read_many``), each
+        checked and decoded here, in the batch's order, while later ones are still coming."""
+        data = self.source.read_many([self.files[index]["key"] for index in indices])
+        return [self._item(index, item) for index, item in zip(indices, data)]
+
+    def _item(self, index: int, data: bytes):
         from pipeline.embed import decode_image
 
         item = self.files[index]
-        data = self.source.read(item["key"])
         if hashlib.md5(data).hexdigest() != item["md5"]:
             raise DataError(
                 f"{self.source.key_uri(item['key'])}: changed since ingest (MD5 differs from the task "

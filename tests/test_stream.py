@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -204,6 +205,98 @@ def test_corrupt_image_follows_on_bad_image_and_a_changed_object_is_refused(s3, 
     client.put_object(Bucket=bucket, Key="src/b1/train/cat/1.png", Body=image_bytes(99))
     with pytest.raises(DataError, match=r"b1/train/cat/1\.png: changed since ingest"):
         images[[images.sample_id(i) for i in range(3)].index("b1/train/cat/1.png")]
+
+
+# --------------------------------------------------------------------------- concurrent reads
+
+
+def tensor_of(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def ingested_task(s3, tmp_path, n: int):
+    """A one-class task of ``n`` distinct train images (and one test image) ingested from S3:
+    (source, manifest, {key: bytes})."""
+    client, bucket, endpoint = s3
+    files = {f"b1/train/cat/{i:03d}.png": image_bytes(500 + i) for i in range(n)}
+    files |= {"b1/test/cat/0.png": image_bytes(499), "b1/_READY": b""}
+    put_s3(client, bucket, "src/", files)
+    source = stream.open_source(f"s3://{bucket}/src", endpoint)
+    run_ingest(source, tmp_path)
+    return source, stream.load_task_manifest(tmp_path / "tasks", 1), files
+
+
+def load_all(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DataLoader batch of every item: what embed_task's loader hands the encoder."""
+    loader = DataLoader(images, batch_size=len(images), collate_fn=collate_images)
+    (tensors, indices, bad), = list(loader)
+    assert bad == []
+    return tensors, indices
+
+
+def test_concurrent_reads_keep_the_order_the_embeddings_need(s3, tmp_path):
+    source, manifest, files = ingested_task(s3, tmp_path, 40)
+    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def late_first(request, **_):
+        # The earlier the key, the later its answer: any reordering would show.
+        number = int(request.url.rsplit("/", 1)[1].split(".")[0])
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.002 * (40 - number))
+        with lock:
+            state["now"] -= 1
+
+    source.client.meta.events.register("before-send.s3.GetObject", late_first)
+    tensors, indices = load_all(images)
+    expected = [tensor_of(Image.open(io.BytesIO(files[images.sample_id(i)])).convert("RGB")) for i in indices.tolist()]
+    assert indices.tolist() == list(range(40))
+    assert all(torch.equal(got, want) for got, want in zip(tensors, expected))
+    # The GETs overlapped, and never more of them than the source's bound.
+    assert 1 < state["most"] <= stream.S3_REQUESTS_IN_FLIGHT, state
+
+
+def test_an_object_changed_since_ingest_is_named_among_concurrent_reads(s3, tmp_path):
+    source, manifest, _ = ingested_task(s3, tmp_path, 30)
+    client, bucket, _ = s3
+    client.put_object(Bucket=bucket, Key="src/b1/train/cat/017.png", Body=image_bytes(999))
+    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    with pytest.raises(DataError, match=rf"^s3://{bucket}/src/b1/train/cat/017\.png: changed since ingest"):
+        load_all(images)
+
+
+def test_a_transient_error_is_retried_and_a_lasting_one_named_after_bounded_attempts(s3, tmp_path):
+    from botocore.exceptions import ConnectionClosedError
+
+    source, manifest, files = ingested_task(s3, tmp_path, 20)
+    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def drop(request, lasting: str | None = None, **_):
+        key = request.url.rsplit("/", 1)[1]
+        with lock:
+            attempts[key] = attempts.get(key, 0) + 1
+            first = attempts[key] == 1
+        # Every key's first answer is lost on the way; so is every answer for ``lasting``.
+        if first or key == lasting:
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    source.client.meta.events.register("before-send.s3.GetObject", drop, unique_id="drop")
+    tensors, indices = load_all(images)
+    assert indices.tolist() == list(range(20)) and len(tensors) == 20
+    assert set(attempts.values()) == {2}, attempts
+
+    attempts.clear()
+    source.client.meta.events.unregister("before-send.s3.GetObject", unique_id="drop")
+    source.client.meta.events.register("before-send.s3.GetObject", lambda request, **kw: drop(request, "011.png"))
+    _, bucket, endpoint = s3
+    with pytest.raises(stream.SourceUnreachable, match=rf"S3 endpoint {endpoint} does not answer .*bucket '{bucket}'"):
+        load_all(images)
+    # botocore's max_attempts counts the retries after the first attempt.
+    assert attempts["011.png"] == 1 + stream.S3_MAX_ATTEMPTS, attempts
 
 
 def test_a_task_embeds_straight_from_s3_as_from_a_folder(s3, tmp_path, tiny_world):
