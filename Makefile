@@ -56,7 +56,8 @@ test-fast: $(STAMP)
 
 ## Everything, including the tests that bring up a whole stack (Prefect servers with workers
 ## running the demo, a worker killed mid-stage, the PostgreSQL-backed team stack running two
-## batches) and the real-size ViT-B/16 backbone path: about 25 more minutes on 2 cores.
+## batches, infra/compose.yaml's own commands run as processes through one batch) and the
+## real-size ViT-B/16 backbone path: about 40 more minutes on 2 cores.
 test-full: $(STAMP) postgres
 	$(BIN)/python -m pytest
 

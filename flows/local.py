@@ -143,6 +143,23 @@ def configure(project_dir: str | Path, env: Mapping[str, str], crash_after: floa
         ensure_crash_automation(crash_after)
 
 
+K8S_PREFECT_FILE = Path("infra") / "k8s" / "prefect.yaml"
+
+
+def deploy_kubernetes(project_dir: str | Path, env: Mapping[str, str]) -> str:
+    """Apply infra/k8s/prefect.yaml (recall-step/gpu-k8s) from ``project_dir``: its pods clone
+    RECALL_GIT_URL at this checkout's commit. An empty URL or commit would reach the pods as
+    "" (git_clone would take the default branch), so both must be set; the commit is HEAD's.
+    Returns the commit."""
+    if not env.get("RECALL_GIT_URL"):
+        raise RuntimeError("RECALL_GIT_URL is not set: the clone URL the Kubernetes pods can reach")
+    commit = _check(["git", "rev-parse", "HEAD"], project_dir, env, "git rev-parse HEAD").strip()
+    env = {**env, "RECALL_GIT_COMMIT": commit}
+    _check(_prefect("--no-prompt", "deploy", "--prefect-file", str(K8S_PREFECT_FILE), "--all"), project_dir, env,
+           f"prefect deploy --prefect-file {K8S_PREFECT_FILE}")
+    return commit
+
+
 def start_worker(pool: str, project_dir: str | Path, env: Mapping[str, str], log_dir: str | Path) -> subprocess.Popen:
     """A process worker for ``pool``; its flow runs start in prefect.yaml's pull-step folder."""
     log_path = Path(log_dir) / f"worker-{pool}.log"
@@ -201,14 +218,22 @@ def main(argv: list[str]) -> None:
         print(f"Prefect server {api_url} (UI {api_url.removesuffix('/api')}); "
               f"pools {', '.join(POOLS)} with a worker each; deployments applied; logs in .prefect/")
         print(f"export PREFECT_API_URL={api_url}")
+    elif command == "configure":
+        # The team stack's one-shot prefect-deploy (infra/compose.yaml): what `up` does to its
+        # own server, to the server of this environment (PREFECT_API_URL, its auth string).
+        configure(project_dir, os.environ)
+        print(f"pools {', '.join(POOLS)}, the {GPU_LIMIT!r} limit, prefect.yaml's deployments and "
+              f"{CRASH_AUTOMATION!r} on {os.environ.get('PREFECT_API_URL')}")
+    elif command == "deploy-k8s":
+        commit = deploy_kubernetes(project_dir, os.environ)
+        print(f"recall-step/gpu-k8s: pods clone {os.environ['RECALL_GIT_URL']} at {commit}")
     elif command == "automation":
-        # The team stack's one-shot deploy (infra/compose.yaml) runs this against its server.
         print(f"automation {CRASH_AUTOMATION!r}: {ensure_crash_automation()}")
     elif command == "down":
         stopped = down(project_dir)
         print("stopped " + (", ".join(stopped) if stopped else "nothing (no PID files in .prefect/)"))
     else:
-        raise SystemExit(f"unknown command {command!r}: up, down or automation")
+        raise SystemExit(f"unknown command {command!r}: up, down, configure, deploy-k8s or automation")
 
 
 if __name__ == "__main__":

@@ -214,12 +214,78 @@ def scratch_project(root: str | Path, config_update: dict | None = None, *, comp
 STACK_PORTS = {"postgres": 55432, "s3": 9000, "mlflow": 5000, "prefect": 4200}
 STACK_BUCKETS = ("recall-artifacts", "recall-dvc", "recall-stream")
 ARTIFACTS_DESTINATION = "s3://recall-artifacts/mlflow"
+# The workers' S3 grants: an AWS IAM policy, translated for SeaweedFS (compose's S3 server).
+S3_POLICY = CHECKOUT / "infra" / "iam" / "recall-least-privilege-policy.json"
+# SeaweedFS's identity actions (weed/s3api/auth_credentials.go, Identity.CanDo: "Action:bucket"
+# or a wildcard "Action:bucket/prefix*") that cover each S3 action of the policy. Bucket-level
+# reads (ListBucket, its multipart variant) become List on the whole bucket: SeaweedFS has no
+# s3:prefix conditions. GetBucketLocation needs no grant there.
+SEAWEEDFS_ACTIONS = {
+    "s3:GetObject": "Read", "s3:PutObject": "Write", "s3:DeleteObject": "Write",
+    "s3:AbortMultipartUpload": "Write", "s3:ListMultipartUploadParts": "Write",
+    "s3:ListBucket": "List", "s3:ListBucketMultipartUploads": "List", "s3:GetBucketLocation": None,
+}
 # Stopped in this order (clients before the database).
 STACK_SERVICES = ("prefect", "mlflow", "s3", "postgres")
 
 
 class StackError(Exception):
     """The local stack could not start or stop; the message names the service and its log."""
+
+
+def ensure_buckets(client) -> list[str]:
+    """Create the stack's buckets that ``client``'s S3 API lacks; returns those created.
+    compose's one-shot s3-init and `make stack` both call it."""
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    created = [bucket for bucket in STACK_BUCKETS if bucket not in existing]
+    for bucket in created:
+        client.create_bucket(Bucket=bucket)
+    return created
+
+
+def seaweedfs_identities(policy: dict, admin: tuple[str, str], worker: tuple[str, str],
+                         policy_name: str = str(S3_POLICY)) -> dict:
+    """SeaweedFS's S3 identities: ``admin`` (access key, secret key) with every right, and
+    ``worker`` with the grants of ``policy`` (an AWS IAM policy of Allow statements)."""
+    actions: set[str] = set()
+    for statement in policy["Statement"]:
+        if statement.get("Effect") != "Allow":
+            raise StackError(f"{policy_name}: statement {statement.get('Sid')!r}: only Allow statements translate")
+        for action in statement["Action"]:
+            if action not in SEAWEEDFS_ACTIONS:
+                raise StackError(f"{policy_name}: statement {statement.get('Sid')!r}: {action} has no SeaweedFS "
+                                 f"equivalent in SEAWEEDFS_ACTIONS (pipeline/devstack.py)")
+            if SEAWEEDFS_ACTIONS[action] is None:
+                continue
+            for resource in statement["Resource"]:
+                target = resource.removeprefix("arn:aws:s3:::")
+                if target == resource:
+                    raise StackError(f"{policy_name}: resource {resource!r} is not an S3 ARN")
+                actions.add(f"{SEAWEEDFS_ACTIONS[action]}:{target}")
+    for name, (key, secret) in (("admin", admin), ("worker", worker)):
+        if not key or not secret:
+            raise StackError(f"S3 identities: the {name}'s access key or secret key is empty")
+    return {"identities": [
+        {"name": "admin", "credentials": [{"accessKey": admin[0], "secretKey": admin[1]}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "recall", "credentials": [{"accessKey": worker[0], "secretKey": worker[1]}],
+         "actions": sorted(actions)},
+    ]}
+
+
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _program(name: str) -> str:
@@ -400,11 +466,19 @@ class LocalStack:
         pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
         self._record("postgres", pid)
         if fresh:
-            for role in ("mlflow", "prefect"):
-                # The password goes in as a psql variable on stdin, never on a command line.
-                self._pg("psql", "-v", "ON_ERROR_STOP=1", "-h", str(self.pgsocket), "-p", str(self.ports["postgres"]),
-                         "-U", "postgres", "-d", "postgres", "-v", f"pw={self._secrets()[role]}",
-                         input=f"CREATE ROLE {role} LOGIN PASSWORD :'pw';\nCREATE DATABASE {role} OWNER {role};\n")
+            # The roles and databases as compose's postgres image makes them: the same script,
+            # passwords in its environment, never on a command line.
+            script = CHECKOUT / "infra" / "postgres" / "init-databases.sh"
+            env = {"PATH": f"{_postgres_bindir()}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+                   "PGHOST": str(self.pgsocket), "PGPORT": str(self.ports["postgres"]), "POSTGRES_USER": "postgres",
+                   "MLFLOW_DB_PASSWORD": self._secrets()["mlflow"], "PREFECT_DB_PASSWORD": self._secrets()["prefect"]}
+            # On stdin and from the cluster's folder: PostgreSQL's user may not reach the checkout.
+            # runuser resets PATH; `env` sets it again.
+            command = [*_as_postgres_user(), "env", f"PATH={env['PATH']}", "bash", "-s"]
+            result = subprocess.run(command, env={**os.environ, **env}, input=script.read_text(), cwd=self.pg_home,
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise StackError(f"PostgreSQL: {script} failed: {result.stderr.strip()[-1500:]}")
         return pid
 
     def stop_postgres(self, timeout: float = 60) -> None:
@@ -439,10 +513,7 @@ class LocalStack:
         client = boto3.client("s3", endpoint_url=endpoint, **{
             "aws_access_key_id": self.s3_env()["AWS_ACCESS_KEY_ID"],
             "aws_secret_access_key": self.s3_env()["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"})
-        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-        for bucket in STACK_BUCKETS:
-            if bucket not in existing:
-                client.create_bucket(Bucket=bucket)
+        ensure_buckets(client)
 
     def start_mlflow(self, timeout: float = 180) -> None:
         env = {
@@ -533,11 +604,45 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _s3_command(args: list[str]) -> int:
+    """compose's S3 one-shots: ``s3-identities FILE`` (s3-config) and ``s3-buckets`` (s3-init)."""
+    if args[0] == "s3-identities":
+        if len(args) != 2:
+            print("usage: python -m pipeline.devstack s3-identities FILE", file=sys.stderr)
+            return 2
+        env = os.environ
+        try:
+            missing = [k for k in ("S3_ADMIN_ACCESS_KEY", "S3_ADMIN_SECRET_KEY", "RECALL_S3_ACCESS_KEY",
+                                   "RECALL_S3_SECRET_KEY") if not env.get(k)]
+            if missing:
+                raise StackError(f"S3 identities: {', '.join(missing)} not set")
+            identities = seaweedfs_identities(
+                json.loads(S3_POLICY.read_text()), (env["S3_ADMIN_ACCESS_KEY"], env["S3_ADMIN_SECRET_KEY"]),
+                (env["RECALL_S3_ACCESS_KEY"], env["RECALL_S3_SECRET_KEY"]))
+            # 0644: SeaweedFS drops to its own user; the file sits on a volume only it and
+            # this one-shot mount.
+            write_private(Path(args[1]), json.dumps(identities, indent=2) + "\n", mode=0o644)
+        except StackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"S3 identities: admin, recall ({len(identities['identities'][1]['actions'])} grants) -> {args[1]}")
+        return 0
+    import boto3
+
+    created = ensure_buckets(boto3.client("s3"))
+    print(f"buckets: {', '.join(STACK_BUCKETS)} (created: {', '.join(created) or 'none'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.devstack up|down [folder]`` (infra/local/up and down)."""
+    """``python -m pipeline.devstack up|down [folder]`` (infra/local/up and down), and
+    ``s3-identities FILE`` / ``s3-buckets`` (infra/compose.yaml's S3 one-shots)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("s3-identities", "s3-buckets"):
+        return _s3_command(args)
     if not args or args[0] not in ("up", "down"):
-        print("usage: python -m pipeline.devstack up|down [folder, default .stack]", file=sys.stderr)
+        print("usage: python -m pipeline.devstack up|down [folder, default .stack] | s3-identities FILE | s3-buckets",
+              file=sys.stderr)
         return 2
     stack = LocalStack(args[1] if len(args) > 1 else ".stack")
     try:

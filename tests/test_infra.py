@@ -5,6 +5,7 @@ or Kubernetes here to run them)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from urllib.parse import urlsplit
@@ -38,6 +39,11 @@ NOT_SET_FOR_WORKERS = {
     "PREFECT_PORT": "the port of `make prefect`'s server on a developer's machine",
     "RECALL_EVENTS_TOKEN": "the bucket-event relay's, not a worker's",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "the arrival check turns it off for itself (setdefault)",
+    "RECALL_GIT_URL": "flows/local.py deploy-k8s reads it on the machine that applies infra/k8s/prefect.yaml",
+    "S3_ADMIN_ACCESS_KEY": "the S3 server's admin: only compose's s3-config one-shot",
+    "S3_ADMIN_SECRET_KEY": "the S3 server's admin: only compose's s3-config one-shot",
+    "RECALL_S3_ACCESS_KEY": "s3-config's name for the workers' key; the workers get it as AWS_ACCESS_KEY_ID",
+    "RECALL_S3_SECRET_KEY": "s3-config's name for the workers' key; the workers get it as AWS_SECRET_ACCESS_KEY",
 }
 SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "ACCESS_KEY", "TOKEN")
 
@@ -91,14 +97,14 @@ def _code_env_reads() -> set[str]:
 
 
 def test_compose_has_the_whole_stack_with_health_checks_and_named_volumes(compose, services):
-    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", *WORKERS} <= set(services)
-    for name in ("postgres", "minio", "mlflow", "prefect-server"):
+    assert {"postgres", "s3", "s3-config", "s3-init", "mlflow", "prefect-server", *WORKERS} <= set(services)
+    for name in ("postgres", "s3", "mlflow", "prefect-server"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name}: no health check"
     declared = set(compose.get("volumes") or {})
     used = {str(v).split(":", 1)[0] for s in services.values() for v in s.get("volumes", [])}
     named = {v for v in used if not v.startswith((".", "/"))}
     assert named and named <= declared, f"volumes used but not declared: {named - declared}"
-    assert {"postgres-data", "minio-data"} <= named
+    assert {"postgres-data", "s3-data"} <= named
 
 
 def test_servers_use_postgresql_s3_artifacts_and_their_auth(services):
@@ -123,7 +129,7 @@ def test_ports_are_on_loopback_and_agree_with_conf_and_the_local_stack(services)
     from pipeline.devstack import STACK_PORTS
 
     server_uri = yaml.safe_load((REPO / "conf" / "tracking" / "server.yaml").read_text())["uri"]
-    for service, port, local_name in (("mlflow", 5000, "mlflow"), ("prefect-server", 4200, "prefect"), ("minio", 9000, "s3")):
+    for service, port, local_name in (("mlflow", 5000, "mlflow"), ("prefect-server", 4200, "prefect"), ("s3", 9000, "s3")):
         host, published = _host_port(services[service], port)
         assert host == "127.0.0.1", f"{service} published beyond loopback"
         assert published == STACK_PORTS[local_name], f"{service}: compose {published}, make stack {STACK_PORTS[local_name]}"
@@ -134,14 +140,56 @@ def test_ports_are_on_loopback_and_agree_with_conf_and_the_local_stack(services)
 
 
 def test_workers_serve_the_cpu_and_gpu_pools_and_only_gpu_reserves_the_gpu(services):
-    for name, pool in WORKERS.items():
+    for name, pool in {**WORKERS, "worker-gpu-on-cpu": "gpu"}.items():
         command = _command(services[name])
         assert command[:3] == ["prefect", "worker", "start"]
         assert command[command.index("--pool") + 1] == pool
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert "deploy" not in services["worker-cpu"]
+    assert "deploy" not in services["worker-cpu"] and "deploy" not in services["worker-gpu-on-cpu"]
     assert "cu" in str(services["worker-gpu"]["build"]["args"]["TORCH_VARIANT"])
+    # A device reservation fails `up` on a host without one: only with `--profile gpu`.
+    assert services["worker-gpu"]["profiles"] == ["gpu"] and services["worker-gpu-on-cpu"]["profiles"] == ["cpu-only"]
+    assert not any(s.get("deploy") for s in services.values() if not s.get("profiles"))
+
+
+def test_services_writing_the_checkout_run_as_its_owner_in_the_image_code_path(services):
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    # The image installs its code editable from where the checkout is mounted, so a mounted
+    # checkout's code is what runs (and what DVC hashes).
+    assert re.findall(r"^WORKDIR (\S+)$", dockerfile, re.M)[-1] == "/srv/recall"
+    assert "pip install --no-deps -e ." in dockerfile and "/opt/recall" not in dockerfile
+    for name, service in services.items():
+        if "..:/srv/recall" in [str(v) for v in service.get("volumes", [])]:
+            assert service["user"].startswith("${RECALL_UID:?"), f"{name}: writes the checkout as the image's user"
+            assert _env(service)["HOME"] in service["tmpfs"], f"{name}: no writable home"
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".dvc/cache", ".dvc/tmp", ".dvc/config.local"} <= ignored
+    assert 'ARG TORCH_INDEX_URL=' in dockerfile and '--index-url "${TORCH_INDEX_URL}/${TORCH_VARIANT}"' in dockerfile
+
+
+def test_prefect_deploy_creates_the_pools_before_the_deployments(services):
+    assert _command(services["prefect-deploy"]) == ["python", "-m", "flows.local", "configure"]
+    for name in (*WORKERS, "worker-gpu-on-cpu"):
+        assert services[name]["depends_on"]["prefect-deploy"]["condition"] == "service_completed_successfully"
+
+
+def test_version_floors_cover_what_the_files_use():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    requirements = {Requirement(d).name: Requirement(d) for d in
+                    tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    # MLFLOW_AUTH_ADMIN_* and --allowed-hosts: checked against 3.17 only.
+    assert not requirements["mlflow"].specifier.contains(Version("3.16.9"))
+    # PREFECT_FLOWS_HEARTBEAT_FREQUENCY and run_shell_script's `shell`: 3.7.
+    assert not requirements["prefect"].specifier.contains(Version("3.6.9"))
+    for path in (REPO / "prefect.yaml", INFRA / "k8s" / "prefect.yaml"):
+        declared = SpecifierSet(yaml.safe_load(path.read_text())["prefect-version"])
+        assert declared == requirements["prefect"].specifier, f"{path.name}: {declared}"
 
 
 def test_every_variable_the_code_reads_is_set_for_the_workers(services):
@@ -153,18 +201,21 @@ def test_every_variable_the_code_reads_is_set_for_the_workers(services):
         assert not missing, f"{name}: not set: {missing} (set them in infra/compose.yaml or explain them in NOT_SET_FOR_WORKERS)"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-        assert urlsplit(env["AWS_ENDPOINT_URL"]).hostname == "minio"
+        assert urlsplit(env["AWS_ENDPOINT_URL"]).hostname == "s3"
 
 
 def test_prefect_yaml_variables_and_pools_agree_with_compose(services):
+    worker_env = _env(services["worker-cpu"])
+    # The pull steps' variables are read by the workers when a flow run starts.
+    pull = json.dumps(yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"])
+    assert set(re.findall(r"\{\{\s*\$([A-Z0-9_]+)\s*\}\}", pull)) <= set(worker_env)
     prefect_yaml = REPO / "prefect.yaml"
     text = prefect_yaml.read_text()
     uncommented = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     placeholders = set(re.findall(r"\{\{\s*\$([A-Z0-9_]+)\s*\}\}", uncommented))
     assert "RECALL_PROJECT_DIR" in placeholders  # the scan finds what it should
     env = _env(services["prefect-deploy"])
-    # RECALL_GIT_URL: only the fresh-machine pull steps, which compose's workers do not use.
-    missing = placeholders - set(env) - {"RECALL_GIT_URL"}
+    missing = placeholders - set(env)
     assert not missing, f"prefect.yaml reads {sorted(missing)}; compose's prefect-deploy does not set them"
     spec = yaml.safe_load(text)
     pools = {d["work_pool"]["name"] for d in spec["deployments"]}
@@ -173,12 +224,12 @@ def test_prefect_yaml_variables_and_pools_agree_with_compose(services):
     assert {n.split("/")[1] for n in DEPLOYMENTS} <= names
 
 
-def test_buckets_agree_between_minio_the_policy_the_services_and_the_local_stack(services):
+def test_buckets_agree_between_s3_init_the_policy_the_services_and_the_local_stack(services):
     from pipeline.devstack import ARTIFACTS_DESTINATION, STACK_BUCKETS
 
-    init = " ".join(_command(services["minio-init"]))
-    created = set(re.search(r"for bucket in ([a-z0-9 -]+); do", init).group(1).split())
-    assert created == set(STACK_BUCKETS)
+    # s3-init creates the local stack's buckets with the same function (ensure_buckets).
+    assert _command(services["s3-init"]) == ["python", "-m", "pipeline.devstack", "s3-buckets"]
+    created = set(STACK_BUCKETS)
     policy = json.loads((INFRA / "iam" / "recall-least-privilege-policy.json").read_text())
     policy_buckets = {r.split(":::")[1].split("/")[0] for s in policy["Statement"] for r in s["Resource"]}
     assert policy_buckets == created
@@ -299,7 +350,16 @@ def test_gpu_job_template_renders_a_kubernetes_job_requesting_the_gpu(job_templa
 
 def test_helm_worker_values_point_the_gpu_pool_at_the_template_and_the_auth_secret():
     values = yaml.safe_load((INFRA / "k8s" / "values-worker.yaml").read_text())["worker"]
-    assert values["config"]["workPool"] == "gpu" and values["config"]["type"] == "kubernetes"
+    # A pool of its own: the chart's init container rewrites an existing pool's template.
+    assert values["config"]["workPool"] == "gpu-k8s" and values["config"]["type"] == "kubernetes"
+    k8s_deployments = yaml.safe_load((INFRA / "k8s" / "prefect.yaml").read_text())["deployments"]
+    assert {d["work_pool"]["name"] for d in k8s_deployments} == {"gpu-k8s"}
+    assert "gpu-k8s" not in {d["work_pool"]["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    # The worker's image is the installed Prefect's release, not a tag that floats ahead of
+    # the server.
+    from importlib.metadata import version
+
+    assert values["image"]["prefectTag"] == f"{version('prefect')}-python3.11-kubernetes"
     assert values["apiConfig"] == "selfHostedServer"
     assert values["selfHostedServerApiConfig"]["apiUrl"].endswith(":4200/api")
     auth = values["selfHostedServerApiConfig"]["basicAuth"]
@@ -325,3 +385,67 @@ def test_dockerfile_pins_torch_as_pyproject_and_runs_unprivileged():
     assert '"prefect", "worker", "start"' in dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "infra/.env"} <= set(ignored)
+
+
+def test_the_gpu_k8s_job_has_no_empty_env_and_its_flow_runs_take_the_fresh_machine_steps(job_template, monkeypatch):
+    pytest.importorskip("prefect_kubernetes")
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    spec = yaml.safe_load((INFRA / "k8s" / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    # What `prefect deploy` does to a deployment (prefect cli/deploy/_core.py: env
+    # placeholders from the applying machine's environment, unset ones left as they are),
+    # with flows/local.py deploy-k8s's environment, on a machine where the compose
+    # settings are unset.
+    for name in ("MLFLOW_TRACKING_URI", "RECALL_DVC_REMOTE", "RECALL_PROJECT_DIR", "RECALL_SOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RECALL_GIT_URL", "https://git.example/recall.git")
+    monkeypatch.setenv("RECALL_GIT_COMMIT", commit)
+    applied = apply_values(deployment, dict(os.environ), remove_notset=False)
+    job_variables = applied["work_pool"]["job_variables"]
+
+    configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        job_template, {**job_variables, "image": "registry.invalid/recall:gpu"}, client=object()))
+    flow_run = FlowRun(id=uuid.uuid4(), name="gpu-step", flow_id=uuid.uuid4())
+    # The worker's own settings (the chart gives it the server's URL).
+    with temporary_settings({PREFECT_API_URL: "http://prefect-server.recall.svc.cluster.local:4200/api"}):
+        configuration.prepare_for_flow_run(flow_run)
+    container = configuration.job_manifest["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    empty = sorted(name for name, value in env.items() if not value or "{{" in str(value))
+    assert not empty, f"empty or unresolved in the job's env (they would beat the Secret's envFrom): {empty}"
+    # MLflow's and S3's settings come from the runtime Secret only.
+    assert not {"MLFLOW_TRACKING_URI", "RECALL_DVC_REMOTE", "AWS_ACCESS_KEY_ID"} & set(env)
+    assert container["envFrom"] == [{"secretRef": {"name": "recall-runtime"}}]
+    assert env["RECALL_GIT_COMMIT"] == commit and env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    # `prefect flow-run execute` runs the deployment's pull steps, resolving their `{{ $VAR }}`
+    # from the pod's environment (prefect deployments/steps/core.py): the applied commit is
+    # cloned, its code installed, the shared remote pulled.
+    steps = spec["pull"]  # kept unresolved by `prefect deploy` (cli/deploy/_core.py)
+    pod_env = {**env, "RECALL_DVC_REMOTE": "s3://recall-dvc/dvc"}
+    clone = apply_values(steps[0]["prefect.deployments.steps.git_clone"], pod_env)
+    assert clone == {"id": "clone", "repository": "https://git.example/recall.git", "commit_sha": commit}
+    assert [next(iter(step)) for step in steps] == [
+        "prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",
+        "prefect.deployments.steps.run_shell_script", "prefect.deployments.steps.run_shell_script"]
+    assert "pip install" in steps[2]["prefect.deployments.steps.run_shell_script"]["script"]
+    assert "dvc pull --run-cache" in steps[3]["prefect.deployments.steps.run_shell_script"]["script"]
+    # A step run on a fresh machine works in its clone and sends its outputs back.
+    assert deployment["parameters"] == {"project_dir": ".", "push": True}
+
+
+def test_deploy_k8s_refuses_without_a_clone_url(tmp_path, monkeypatch):
+    from flows.local import deploy_kubernetes
+
+    with pytest.raises(RuntimeError, match="RECALL_GIT_URL is not set"):
+        deploy_kubernetes(tmp_path, {"RECALL_GIT_URL": ""})
