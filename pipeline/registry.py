@@ -209,6 +209,9 @@ def champion(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
+        # Behind MLflow's basic-auth app an alias lookup on a model that does not exist is
+        # refused (403) before the store can say "not found"; the model lookup is not.
+        client.get_registered_model(name)
         return client.get_model_version_by_alias(name, "champion")
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
