@@ -12,24 +12,12 @@ import torch
 
 from conftest import run_task
 from pipeline import steps
-from pipeline.serving import gate_decision
 
 
 def _model(cfg) -> str:
     from pipeline.registry import model_name
 
     return model_name(cfg, "classifier")
-
-
-def test_gate_decision_by_hand():
-    assert gate_decision({"1": 0.5}, None, 0.1, 0.0) == (True, ["no champion yet"])
-    passed, reasons = gate_decision({"1": 0.85, "2": 0.9, "3": 0.7}, {"1": 0.9, "2": 0.9}, 0.10, 0.03)
-    assert passed, reasons
-    passed, reasons = gate_decision({"1": 0.6, "2": 0.95}, {"1": 0.9, "2": 0.9}, 0.10, 0.5)
-    assert not passed and len(reasons) == 1 and reasons[0].startswith("task 1: accuracy 60.0%")
-    # Each task within bounds, but the mean over them falls too far.
-    passed, reasons = gate_decision({"1": 0.84, "2": 0.84}, {"1": 0.9, "2": 0.9}, 0.10, 0.03)
-    assert not passed and reasons[0].startswith("mean accuracy over tasks 1, 2: 84.0%")
 
 
 def _overrides(method: str, *extra: str) -> list[str]:

@@ -1,0 +1,405 @@
+"""The promotion gate, and the record of every move of the ``champion`` alias.
+
+A task's classifier version takes ``champion`` only if it is no worse than the current
+champion on what both can be asked (design section 6):
+
+- **Like with like.** The candidate knows more classes than the champion (the new task's),
+  and a new class must not count against it: its accuracy on each earlier task is measured
+  with its predictions restricted to the classes the champion knows (by class name, the
+  champion's ``classes`` tag), on the same test images (``test_digests``), and compared
+  with the champion's own ``accuracy_row``. No task may drop more than ``max_task_drop``,
+  their mean no more than ``max_average_drop``. The full figures (among all the candidate's
+  classes) are recorded beside the restricted ones.
+- **A floor for the new task.** Its accuracy (among all seen classes, as ``accuracy_row``
+  measures it) must reach ``new_task_floor``: by default the zero-shot accuracy of the same
+  test images among the same classes, i.e. what training bought over not training at all.
+- **Nothing unchecked.** A NaN or missing figure, and a champion without the tags the
+  comparison needs, reject the candidate with a reason instead of skipping the check.
+
+Every move of the alias, by the gate or by ``recall rollback``, is one tag on the registered
+model, ``recall.champion.move.<n>`` (``n`` counts from 1): from which version to which, when,
+why, and by which run or user. One bounded tag per move: none grows with the tasks.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from pipeline.registry import RegistryError
+
+MOVE_TAG_PREFIX = "recall.champion.move."
+# Registered-model tag values are a VARCHAR(5000) in MLflow's SQL stores.
+MAX_MOVE_REASON = 2000
+CHAMPION = "champion"
+# Accuracies are float32 means: a drop of exactly the allowed points must not fail on rounding.
+TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a candidate version is judged on, all after training task ``task``.
+
+    ``logits [N, C]``: its (sample-averaged) logits over ``class_ids`` for the test images
+    with ``labels [N]``; ``tasks``: the class ids of tasks 1..``task``; ``names``: class id
+    to name; ``accuracy_row``: its accuracy per task among all its classes (``evaluate``'s);
+    ``zero_shot``: the zero-shot accuracy on task ``task``'s test images among the same
+    classes (None when not measured)."""
+
+    task: int
+    class_ids: list[int]
+    names: Mapping[int, str]
+    tasks: list[list[int]]
+    logits: torch.Tensor
+    labels: torch.Tensor
+    accuracy_row: dict[str, float]
+    test_digests: dict[str, str]
+    zero_shot: float | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.names[c] for c in self.class_ids]
+
+    def version_tags(self) -> dict[str, str]:
+        """What a later gate needs to know of this version once it is champion."""
+        return {
+            "accuracy_row": json.dumps(self.accuracy_row),
+            "classes": json.dumps(self.class_names),
+            "class_count": str(len(self.class_ids)),
+            "test_digests": json.dumps(self.test_digests),
+        }
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The champion as its tags describe it; ``problems`` lists what is missing or unusable."""
+
+    version: str
+    accuracy_row: dict[str, float] | None
+    classes: list[str] | None
+    test_digests: dict[str, str] | None
+    problems: list[str]
+
+
+def read_champion(version) -> Champion:
+    """The gate's view of a champion ``ModelVersion``: its three tags, parsed."""
+    problems: list[str] = []
+
+    def tag(key: str, kind: type, what: str):
+        raw = version.tags.get(key)
+        if raw is None:
+            problems.append(f"champion v{version.version} has no `{key}` tag ({what}): it cannot be compared")
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, kind) or not value:
+            problems.append(f"champion v{version.version}: its `{key}` tag is not a non-empty JSON {kind.__name__} ({raw[:60]!r})")
+            return None
+        return value
+
+    row = tag("accuracy_row", dict, "its accuracy per task")
+    classes = tag("classes", list, "the names of the classes it knows")
+    tests = tag("test_digests", dict, "which test images each task was measured on")
+    if row is not None:
+        try:
+            row = {str(k): float(v) for k, v in row.items()}
+        except (TypeError, ValueError):
+            problems.append(f"champion v{version.version}: its `accuracy_row` tag holds a value that is not a number")
+            row = None
+    return Champion(str(version.version), row, classes, tests, problems)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def restricted_row(evidence: Evidence, keep: list[str], tasks: list[str]) -> dict[str, float]:
+    """The candidate's accuracy on each of ``tasks`` with its predictions restricted to the
+    classes named ``keep`` (which it must know): the argmax over those columns only. A task
+    with an image of a class outside ``keep``, or with no image, is NaN."""
+    from pipeline.evaluate import accuracy
+
+    position = {name: i for i, name in enumerate(evidence.class_names)}
+    columns = [position[name] for name in keep]
+    target = {evidence.class_ids[p]: j for j, p in enumerate(columns)}
+    logits = evidence.logits[:, columns]
+    row = {}
+    for task in tasks:
+        classes = evidence.tasks[int(task) - 1] if 0 < int(task) <= len(evidence.tasks) else []
+        inside = torch.isin(evidence.labels, torch.tensor(classes, dtype=evidence.labels.dtype))
+        labels = evidence.labels[inside].tolist()
+        if not labels or any(c not in target for c in labels):
+            row[task] = math.nan
+            continue
+        row[task] = accuracy(logits[inside], torch.tensor([target[c] for c in labels], dtype=torch.long))
+    return row
+
+
+def zero_shot_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
+                       zero_shot_features: torch.Tensor, logit_scale: float, new_classes: list[int]) -> float:
+    """CLIP's zero-shot accuracy on the test images of ``new_classes`` among ``class_ids``
+    (rows of ``zero_shot_features``: their ``w_c``): the untrained classifier's figure that
+    corresponds to the candidate's accuracy on its new task."""
+    from pipeline.classifier import Classifier
+    from pipeline.evaluate import accuracy
+
+    inside = torch.isin(labels, torch.tensor(new_classes, dtype=labels.dtype))
+    if not bool(inside.any()):
+        return math.nan
+    logits = Classifier(list(class_ids), zero_shot_features.float(), logit_scale).sample_logits(embeddings[inside])[0]
+    position = {c: i for i, c in enumerate(class_ids)}
+    return accuracy(logits, torch.tensor([position[int(c)] for c in labels[inside]], dtype=torch.long))
+
+
+def new_task_floor(rule: str | float | None, zero_shot: float | None) -> float | None:
+    """The accuracy the new task must reach: ``zero_shot``'s figure, a fixed number, or none."""
+    if rule is None:
+        return None
+    if rule == "zero_shot":
+        return math.nan if zero_shot is None else float(zero_shot)
+    return float(rule)
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+def _pct(value: float) -> str:
+    return "NaN" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def gate_decision(evidence: Evidence, champion: Champion | None, max_task_drop: float, max_average_drop: float,
+                  floor_rule: str | float | None = "zero_shot") -> tuple[bool, list[str], dict[str, Any]]:
+    """Whether the candidate may become champion, the reasons, and the figures compared.
+
+    Rejected without comparing accuracies when the champion lacks a tag the comparison
+    needs, when the candidate does not know every class the champion knows, or when a task
+    the champion was measured on was measured on other classes or test images for the
+    candidate. Otherwise rejected for each failed rule: a NaN or missing figure, an earlier
+    task whose restricted accuracy is more than ``max_task_drop`` below the champion's,
+    a restricted mean more than ``max_average_drop`` below the champion's mean, a new task
+    below its floor."""
+    task = str(evidence.task)
+    floor = new_task_floor(floor_rule, evidence.zero_shot)
+    own = evidence.accuracy_row.get(task, math.nan)
+    figures: dict[str, Any] = {
+        "accuracy_row": dict(evidence.accuracy_row),
+        "new_task": {"task": evidence.task, "accuracy": own, "floor": floor,
+                     "floor_rule": floor_rule, "zero_shot": evidence.zero_shot},
+    }
+    failures: list[str] = []
+    if not _finite(own):
+        failures.append(f"task {task} (the new task): its accuracy is {'missing' if task not in evidence.accuracy_row else 'NaN'}")
+    elif floor is not None and not _finite(floor):
+        failures.append(f"task {task} (the new task): its floor ({floor_rule}) is NaN, so it cannot be checked")
+    elif floor is not None and own < floor - TOLERANCE:
+        failures.append(f"task {task} (the new task): accuracy {_pct(own)} is below its floor {_pct(floor)} "
+                        f"({'zero-shot accuracy on it' if floor_rule == 'zero_shot' else 'tracking.gate.new_task_floor'})")
+    if champion is None:
+        if failures:
+            return False, failures, figures
+        return True, ["no champion yet" + (f"; task {task} at {_pct(own)} clears its floor {_pct(floor)}" if floor is not None else "")], figures
+
+    figures["champion"] = champion.version
+    if champion.problems:
+        return False, champion.problems + failures, figures
+    known = set(evidence.class_names)
+    unknown = [c for c in champion.classes if c not in known]
+    if unknown:
+        if len(known) < len(champion.classes):
+            what = f"knows {len(known)} classes, the champion knows {len(champion.classes)}"
+        else:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            what = f"does not know {len(unknown)} class(es) the champion knows ({shown})"
+        return False, [f"{what}: a version must cover every class the champion knows"], figures
+    differing = sorted((t for t in champion.test_digests if evidence.test_digests.get(t) != champion.test_digests[t]), key=int)
+    if differing:
+        return False, [
+            f"task(s) {', '.join(differing)}: measured on other classes or test images than the champion's "
+            "(test digests differ), so their accuracies are not comparable; re-evaluate both on the same "
+            "test set, or move the champion alias by hand (`recall rollback --to <version>`)"
+        ], figures
+
+    shared = sorted(champion.accuracy_row, key=int)
+    restricted = restricted_row(evidence, champion.classes, shared)
+    figures.update({"restricted_row": restricted, "champion_row": dict(champion.accuracy_row),
+                    "champion_classes": len(champion.classes), "candidate_classes": len(known)})
+    among = f"among the champion's {len(champion.classes)} classes"
+    for t in shared:
+        ours, theirs = restricted[t], champion.accuracy_row[t]
+        if not _finite(ours) or not _finite(theirs):
+            failures.append(f"task {t}: accuracy {among} {_pct(ours)}, the champion's {_pct(theirs)}: a NaN figure "
+                            "cannot be compared")
+            continue
+        if theirs - ours > max_task_drop + TOLERANCE:
+            full = evidence.accuracy_row.get(t, math.nan)
+            failures.append(
+                f"task {t}: accuracy {among} {_pct(ours)} is {100 * (theirs - ours):.1f} points below the champion's "
+                f"{_pct(theirs)} (allowed {100 * max_task_drop:.1f}; among all its {len(known)} classes {_pct(full)})"
+            )
+    comparable = [t for t in shared if _finite(restricted[t]) and _finite(champion.accuracy_row[t])]
+    mean = ""
+    if len(comparable) == len(shared):
+        ours = sum(restricted[t] for t in shared) / len(shared)
+        theirs = sum(champion.accuracy_row[t] for t in shared) / len(shared)
+        figures["restricted_mean"], figures["champion_mean"] = ours, theirs
+        mean = (f"mean accuracy {among} over tasks {', '.join(shared)}: {_pct(ours)} against the champion's "
+                f"{_pct(theirs)} (allowed drop {100 * max_average_drop:.1f})")
+        if theirs - ours > max_average_drop + TOLERANCE:
+            failures.append(mean)
+    if failures:
+        return False, failures, figures
+    cleared = f"; task {task} at {_pct(own)} clears its floor {_pct(floor)}" if floor is not None else ""
+    return True, [f"no earlier task drops more than {100 * max_task_drop:.1f} points {among}; {mean}{cleared}"], figures
+
+
+def decide(client, name: str, version: str, evidence: Evidence, gate_cfg, run_id: str | None) -> dict[str, Any]:
+    """Apply the gate to ``version`` of ``name`` against the current champion: move the
+    alias (recording the move) if it passes, tag the version with the decision, and return
+    the decision. The ``gate`` tag is set last: a version without it had its decision
+    interrupted, and the next attempt decides again."""
+    from pipeline.registry import champion as current_champion
+
+    found = current_champion(client, name)
+    before = str(found.version) if found is not None else None
+    passed, reasons, figures = gate_decision(
+        evidence, read_champion(found) if found is not None else None,
+        gate_cfg.max_task_drop, gate_cfg.max_average_drop, gate_cfg.new_task_floor,
+    )
+    if passed and before != str(version):
+        move_champion(client, name, str(version), reason="; ".join(reasons), by="gate", run_id=run_id, task=evidence.task)
+    decision = {
+        "model": name, "version": str(version), "promoted": passed, "champion": passed or before == str(version),
+        "decision": "passed" if passed else "rejected", "reasons": reasons,
+        "champion_before": before, "champion_after": str(version) if passed else before,
+        "figures": figures, "gate": gate_cfg.model_dump(),
+    }
+    client.set_model_version_tag(name, version, "gate_reasons", " | ".join(reasons)[:5000])
+    client.set_model_version_tag(name, version, "gate_figures", json.dumps(figures, default=str))
+    client.set_model_version_tag(name, version, "gate", decision["decision"])
+    return decision
+
+
+# --------------------------------------------------------------------------- moves of the alias
+
+
+def moves(client, name: str) -> list[dict[str, Any]]:
+    """Every recorded move of ``name``'s champion alias, oldest first."""
+    tags = _registered_model(client, name).tags
+    found = []
+    for key, value in tags.items():
+        if key.startswith(MOVE_TAG_PREFIX) and key[len(MOVE_TAG_PREFIX):].isdigit():
+            try:
+                record = json.loads(value)
+            except ValueError:
+                record = {"reason": f"(unreadable record: {value[:80]!r})"}
+            found.append({"n": int(key[len(MOVE_TAG_PREFIX):]), **record})
+    return sorted(found, key=lambda m: m["n"])
+
+
+def move_champion(client, name: str, to: str, *, reason: str, by: str, run_id: str | None = None,
+                  task: int | None = None) -> dict[str, Any]:
+    """Point ``champion`` at version ``to`` and record the move. The record is written first:
+    a move interrupted before the alias moved shows in ``recall champion`` as a record whose
+    ``to`` is not the champion, never as a move that left no trace."""
+    from pipeline.registry import champion as current_champion
+
+    found = current_champion(client, name)
+    history = moves(client, name)
+    record = {
+        "from": str(found.version) if found is not None else None, "to": str(to),
+        "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "by": by,
+        "run_id": run_id, "user": _user(), "task": task, "reason": reason[:MAX_MOVE_REASON],
+    }
+    last = history[-1] if history else None
+    # A retried step whose record was written but whose alias did not move: one record.
+    if not (last and last.get("from") == record["from"] and last.get("to") == record["to"] and last.get("by") == by):
+        n = (last["n"] if last else 0) + 1
+        client.set_registered_model_tag(name, f"{MOVE_TAG_PREFIX}{n:06d}", json.dumps(record))
+    client.set_registered_model_alias(name, CHAMPION, str(to))
+    return record
+
+
+def rollback(client, name: str, to: str, reason: str) -> dict[str, Any] | None:
+    """Move ``champion`` to version ``to`` by hand, recorded with ``reason``. None when that
+    version holds it already (nothing moves, nothing is recorded)."""
+    from pipeline.registry import champion as current_champion
+
+    if not reason or not reason.strip():
+        raise RegistryError("--reason is required and must say why the champion moves (it is recorded with the move)")
+    _registered_model(client, name)
+    versions = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    if str(to) not in versions:
+        listed = ", ".join(versions) if versions else "none"
+        raise RegistryError(f"{name} has no version {to!r} (its versions: {listed})")
+    found = current_champion(client, name)
+    if found is not None and str(found.version) == str(to):
+        return None
+    task = client.get_model_version(name, str(to)).tags.get("task")
+    return move_champion(client, name, str(to), reason=reason.strip(), by="rollback",
+                         task=int(task) if task and task.isdigit() else None)
+
+
+def history_text(client, name: str) -> str:
+    """The current champion of ``name`` and every recorded move, as a table."""
+    from pipeline.registry import champion as current_champion
+
+    found = current_champion(client, name)
+    lines = []
+    if found is None:
+        lines.append(f"{name}: no version holds {CHAMPION}")
+    else:
+        tags = found.tags
+        what = [f"task {tags['task']}" if "task" in tags else None,
+                f"{tags['class_count']} classes" if "class_count" in tags else None,
+                f"gate {tags['gate']}" if "gate" in tags else None]
+        lines.append(f"{name}: {CHAMPION} is v{found.version} ({', '.join(w for w in what if w)})")
+    history = moves(client, name)
+    if not history:
+        lines.append("no recorded move")
+        return "\n".join(lines)
+    header = ["#", "when (UTC)", "from", "to", "task", "by", "reason"]
+    rows = [[str(m["n"]), str(m.get("at", "?")).replace("T", " ").rstrip("Z"), _v(m.get("from")), _v(m.get("to")),
+             str(m.get("task") or "-"),
+             f"gate, run {m['run_id']}" if m.get("by") == "gate" and m.get("run_id") else f"{m.get('by', '?')} by {m.get('user') or '?'}",
+             str(m.get("reason", ""))] for m in history]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    if found is not None and history[-1].get("to") != str(found.version):
+        lines.append(f"note: the last recorded move went to {_v(history[-1].get('to'))}, but {CHAMPION} is on "
+                     f"v{found.version} (a move interrupted before the alias moved, or an alias set outside Recall)")
+    return "\n".join(lines)
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "-"
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry)
+        return None
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise RegistryError(f"no registered model {name!r} (pass --model with an existing name)") from None
+        raise
