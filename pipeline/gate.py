@@ -10,6 +10,12 @@ champion on what both can be asked (design section 6):
   with the champion's own ``accuracy_row``. No task may drop more than ``max_task_drop``,
   their mean no more than ``max_average_drop``. The full figures (among all the candidate's
   classes) are recorded beside the restricted ones.
+- **The new classes' pull, against zero-shot's.** Restricting alone would pass a version
+  that sends an earlier task's images to the new classes (forgetting as bias towards the
+  newest task, what training without replay does). The share of each earlier task's images
+  it predicts as a class the champion does not know may exceed the share CLIP's zero-shot
+  classifier gives those classes (same images, same classes: what they take untrained) by
+  at most ``max_task_drop``.
 - **A floor for the new task.** Its accuracy (among all seen classes, as ``accuracy_row``
   measures it) must reach ``new_task_floor``: by default the zero-shot accuracy of the same
   test images among the same classes, i.e. what training bought over not training at all.
@@ -50,8 +56,8 @@ class Evidence:
     ``logits [N, C]``: its (sample-averaged) logits over ``class_ids`` for the test images
     with ``labels [N]``; ``tasks``: the class ids of tasks 1..``task``; ``names``: class id
     to name; ``accuracy_row``: its accuracy per task among all its classes (``evaluate``'s);
-    ``zero_shot``: the zero-shot accuracy on task ``task``'s test images among the same
-    classes (None when not measured)."""
+    ``zero_shot_logits [N, C]``: CLIP's zero-shot logits (``s <e, w_c>``) over the same
+    classes for the same images (None when not measured)."""
 
     task: int
     class_ids: list[int]
@@ -61,11 +67,19 @@ class Evidence:
     labels: torch.Tensor
     accuracy_row: dict[str, float]
     test_digests: dict[str, str]
-    zero_shot: float | None = None
+    zero_shot_logits: torch.Tensor | None = None
 
     @property
     def class_names(self) -> list[str]:
         return [self.names[c] for c in self.class_ids]
+
+    @property
+    def zero_shot(self) -> float | None:
+        """Zero-shot accuracy on the new task's test images among the same classes: what
+        the candidate's own ``accuracy_row[task]`` is with no training at all."""
+        if self.zero_shot_logits is None:
+            return None
+        return _accuracy_on(self.zero_shot_logits, self.labels, self.class_ids, self.tasks[self.task - 1])
 
     def version_tags(self) -> dict[str, str]:
         """What a later gate needs to know of this version once it is champion."""
@@ -143,20 +157,36 @@ def restricted_row(evidence: Evidence, keep: list[str], tasks: list[str]) -> dic
     return row
 
 
-def zero_shot_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, class_ids: list[int],
-                       zero_shot_features: torch.Tensor, logit_scale: float, new_classes: list[int]) -> float:
-    """CLIP's zero-shot accuracy on the test images of ``new_classes`` among ``class_ids``
-    (rows of ``zero_shot_features``: their ``w_c``): the untrained classifier's figure that
-    corresponds to the candidate's accuracy on its new task."""
+def zero_shot_logits(embeddings: torch.Tensor, zero_shot_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """``[N, C]``: CLIP's zero-shot logits for ``embeddings`` over the classes whose ``w_c``
+    are the rows of ``zero_shot_features``."""
     from pipeline.classifier import Classifier
+
+    classes = list(range(len(zero_shot_features)))
+    return Classifier(classes, zero_shot_features.float(), logit_scale).sample_logits(embeddings)[0]
+
+
+def _accuracy_on(logits: torch.Tensor, labels: torch.Tensor, class_ids: list[int], classes: list[int]) -> float:
+    """Accuracy (argmax over every column of ``logits``, which are ``class_ids``) on the
+    images of ``classes``; NaN without any."""
     from pipeline.evaluate import accuracy
 
-    inside = torch.isin(labels, torch.tensor(new_classes, dtype=labels.dtype))
-    if not bool(inside.any()):
-        return math.nan
-    logits = Classifier(list(class_ids), zero_shot_features.float(), logit_scale).sample_logits(embeddings[inside])[0]
+    inside = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
     position = {c: i for i, c in enumerate(class_ids)}
-    return accuracy(logits, torch.tensor([position[int(c)] for c in labels[inside]], dtype=torch.long))
+    return accuracy(logits[inside], torch.tensor([position[int(c)] for c in labels[inside]], dtype=torch.long))
+
+
+def taken_by(logits: torch.Tensor, evidence: Evidence, new_names: set[str], tasks: list[str]) -> dict[str, float]:
+    """Per task in ``tasks``: the share of its test images whose prediction (argmax over
+    every column of ``logits``) is a class named in ``new_names``; NaN without images."""
+    new = torch.tensor([name in new_names for name in evidence.class_names])
+    predicted_new = new[logits.argmax(dim=-1)]
+    shares = {}
+    for task in tasks:
+        classes = evidence.tasks[int(task) - 1] if 0 < int(task) <= len(evidence.tasks) else []
+        inside = torch.isin(evidence.labels, torch.tensor(classes, dtype=evidence.labels.dtype))
+        shares[task] = predicted_new[inside].float().mean().item() if bool(inside.any()) else math.nan
+    return shares
 
 
 def new_task_floor(rule: str | float | None, zero_shot: float | None) -> float | None:
@@ -248,6 +278,23 @@ def gate_decision(evidence: Evidence, champion: Champion | None, max_task_drop: 
                 f"task {t}: accuracy {among} {_pct(ours)} is {100 * (theirs - ours):.1f} points below the champion's "
                 f"{_pct(theirs)} (allowed {100 * max_task_drop:.1f}; among all its {len(known)} classes {_pct(full)})"
             )
+    new_names = known - set(champion.classes)
+    if new_names:
+        taken = taken_by(evidence.logits, evidence, new_names, shared)
+        untrained = (taken_by(evidence.zero_shot_logits, evidence, new_names, shared)
+                     if evidence.zero_shot_logits is not None else {t: math.nan for t in shared})
+        figures.update({"taken_by_new_classes": taken, "taken_by_new_classes_zero_shot": untrained})
+        for t in shared:
+            if not _finite(taken[t]) or not _finite(untrained[t]):
+                failures.append(f"task {t}: the share of its images taken by the {len(new_names)} class(es) the champion "
+                                f"does not know is {_pct(taken[t])}, zero-shot's {_pct(untrained[t])}: a NaN figure "
+                                "cannot be compared")
+            elif taken[t] - untrained[t] > max_task_drop + TOLERANCE:
+                failures.append(
+                    f"task {t}: {_pct(taken[t])} of its images go to the {len(new_names)} class(es) the champion does "
+                    f"not know, {100 * (taken[t] - untrained[t]):.1f} points more than zero-shot sends there "
+                    f"({_pct(untrained[t])}; allowed {100 * max_task_drop:.1f})"
+                )
     comparable = [t for t in shared if _finite(restricted[t]) and _finite(champion.accuracy_row[t])]
     mean = ""
     if len(comparable) == len(shared):
@@ -261,7 +308,9 @@ def gate_decision(evidence: Evidence, champion: Champion | None, max_task_drop: 
     if failures:
         return False, failures, figures
     cleared = f"; task {task} at {_pct(own)} clears its floor {_pct(floor)}" if floor is not None else ""
-    return True, [f"no earlier task drops more than {100 * max_task_drop:.1f} points {among}; {mean}{cleared}"], figures
+    pull = (f"; the new classes take at most {100 * max_task_drop:.1f} points more of any earlier task's images "
+            "than zero-shot" if new_names else "")
+    return True, [f"no earlier task drops more than {100 * max_task_drop:.1f} points {among}; {mean}{pull}{cleared}"], figures
 
 
 def decide(client, name: str, version: str, evidence: Evidence, gate_cfg, run_id: str | None) -> dict[str, Any]:

@@ -602,18 +602,15 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
 
                 names = tasks_lib.class_names(seen_inputs)
                 in_seen = torch.isin(test["labels"], torch.tensor(seen, dtype=test["labels"].dtype))
-                zero_shot_accuracy = None
-                if cfg.tracking.gate.new_task_floor == "zero_shot":
-                    # The seen classes' w_c, the rows the untrained prompt state starts from.
-                    w = torch.cat([tasks_lib.load_class_text(t.text, backbone.sha256, t.class_ids)["class_features"]
-                                   for t in seen_inputs])
-                    zero_shot_accuracy = gate.zero_shot_accuracy(
-                        test["embeddings"], test["labels"], seen, w, classifier.logit_scale, inputs.class_ids)
+                # The seen classes' w_c, the rows the untrained prompt state starts from.
+                w = torch.cat([tasks_lib.load_class_text(t.text, backbone.sha256, t.class_ids)["class_features"]
+                               for t in seen_inputs])
                 evidence = gate.Evidence(
                     task=task, class_ids=list(classifier.class_ids), names=names, tasks=task_classes,
                     logits=sample_logits.mean(dim=0)[in_seen], labels=test["labels"][in_seen],
                     accuracy_row={k: float(v) for k, v in result["accuracy_row"].items()},
-                    test_digests=registry.task_test_digests(test, task_classes, names), zero_shot=zero_shot_accuracy,
+                    test_digests=registry.task_test_digests(test, task_classes, names),
+                    zero_shot_logits=gate.zero_shot_logits(test["embeddings"][in_seen], w, classifier.logit_scale),
                 )
                 result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result,
                                                           test, evidence, Path(tmp))

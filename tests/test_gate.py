@@ -5,6 +5,7 @@ every move of the champion alias is recorded, shown by `recall champion` and und
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -46,15 +47,24 @@ def _logits(task: int, *, wrong_among_old: int = 1, taken_by_new: int = 0, new_r
     return torch.tensor(labels), torch.stack(rows)
 
 
-def _evidence(task: int, labels=None, logits=None, *, zero_shot: float | None = 0.0, digests=None, **kind):
+# Zero-shot, unless a test says otherwise: the new task's images all go to an old class
+# (a floor of 0%), and no old image goes to a new class.
+UNTRAINED = {"new_right": 0, "taken_by_new": 0}
+
+
+def _evidence(task: int, labels=None, logits=None, *, zero_shot=UNTRAINED, digests=None, **kind):
+    """A candidate after ``task``; ``zero_shot``: zero-shot logits, or ``_logits``'s
+    arguments for them, or None (not measured)."""
     if labels is None:
         labels, logits = _logits(task, **kind)
+    if isinstance(zero_shot, dict):
+        zero_shot = _logits(task, **zero_shot)[1]
     classes = [c for t in TASKS[:task] for c in t]
     # The full row as evaluate measures it (among every class the version knows).
     row = evaluate_task(task, TASKS[:task], labels, logits[None], None)["accuracy_row"]
     return gate.Evidence(task=task, class_ids=classes, names=NAMES, tasks=TASKS[:task], logits=logits, labels=labels,
                          accuracy_row=row, test_digests=digests or {k: DIGESTS[k] for k in map(str, range(1, task + 1))},
-                         zero_shot=zero_shot)
+                         zero_shot_logits=zero_shot)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +108,15 @@ def _champion(client) -> str:
 def test_new_classes_alone_no_longer_reject_a_version(client):
     first = _gate(client, _evidence(1))
     assert first["promoted"] and first["champion_after"] == "1" and first["reasons"][0].startswith("no champion yet")
-    # After task 2, three of task 1's ten images a class go to a new class, though the
-    # version still tells task 1's classes apart as well as the champion does.
-    second = _gate(client, _evidence(2, taken_by_new=3))
+    # After task 2, three of task 1's ten images a class go to a new class (as many as
+    # zero-shot sends there), though the version tells task 1's classes apart as well as
+    # the champion does.
+    second = _gate(client, _evidence(2, taken_by_new=3, zero_shot={"new_right": 0, "taken_by_new": 3}))
     figures = second["figures"]
     assert figures["champion_row"] == {"1": pytest.approx(0.9)}
     assert figures["accuracy_row"]["1"] == pytest.approx(0.6)  # the old rule: 30 points down, rejected
     assert figures["restricted_row"] == {"1": pytest.approx(0.9)}
+    assert figures["taken_by_new_classes"] == figures["taken_by_new_classes_zero_shot"] == {"1": pytest.approx(0.3)}
     assert second["promoted"], second["reasons"]
     assert second["champion_before"] == "1" and second["champion_after"] == "2" == _champion(client)
     assert "among the champion's 2 classes" in second["reasons"][0]
@@ -125,6 +137,19 @@ def test_a_true_regression_among_the_champions_classes_is_still_rejected(client)
     assert client.get_model_version(MODEL, "2").tags["gate"] == "rejected"
 
 
+def test_a_version_that_sends_earlier_images_to_the_new_classes_is_rejected(client):
+    """Forgetting as a bias towards the newest task (training without replay): right among
+    the champion's classes, yet most of task 1's images are labelled as a new class."""
+    _gate(client, _evidence(1))
+    decision = _gate(client, _evidence(2, taken_by_new=8, zero_shot={"new_right": 0, "taken_by_new": 1}))
+    assert not decision["promoted"] and _champion(client) == "1"
+    assert decision["figures"]["restricted_row"]["1"] == pytest.approx(0.9)
+    assert decision["reasons"] == [
+        "task 1: 80.0% of its images go to the 2 class(es) the champion does not know, 70.0 points more than "
+        "zero-shot sends there (10.0%; allowed 10.0)"
+    ]
+
+
 def test_each_task_within_bounds_but_the_mean_too_low_is_rejected():
     champion = gate.Champion("1", {"1": 0.95}, [NAMES[0], NAMES[1]], {"1": DIGESTS["1"]}, [])
     # 90% against 95%: within 10 points for the task, not within 3 for the mean.
@@ -141,7 +166,7 @@ def test_the_champions_classes_and_test_images_must_be_the_candidates(client):
     decision = _gate(client, _evidence(1))
     assert decision["reasons"] == ["knows 2 classes, the champion knows 4: a version must cover every class the champion knows"]
     # As many classes, but one is not the champion's (matched by name, not by id).
-    renamed = gate.Evidence(**{**_evidence(2).__dict__, "names": {**NAMES, 3: "pink star"}})
+    renamed = dataclasses.replace(_evidence(2), names={**NAMES, 3: "pink star"})
     decision = _gate(client, renamed)
     assert decision["reasons"][0].startswith("does not know 1 class(es) the champion knows (yellow triangle)")
     decision = _gate(client, _evidence(2, digests={"1": "digest-of-task-1", "2": "other images"}))
@@ -160,8 +185,8 @@ def test_the_new_task_must_reach_its_zero_shot_accuracy(client):
     embeddings = torch.nn.functional.one_hot(labels, 4).float() * 3 + 0.1
     for c in TASKS[1]:
         embeddings[c * PER_CLASS:c * PER_CLASS + 2, 0] = 5.0
-    zero_shot = gate.zero_shot_accuracy(embeddings, labels, [0, 1, 2, 3], torch.eye(4), 100.0, TASKS[1])
-    assert zero_shot == pytest.approx(0.8)
+    zero_shot = gate.zero_shot_logits(embeddings, torch.eye(4), 100.0)
+    assert _evidence(2, zero_shot=zero_shot).zero_shot == pytest.approx(0.8)
 
     _gate(client, _evidence(1))
     # Training left the new task at 50%, below what no training gives.
@@ -177,8 +202,9 @@ def test_the_new_task_must_reach_its_zero_shot_accuracy(client):
     global MODEL
     MODEL = MODEL.replace("-classifier", "-fresh-classifier")
     client.create_registered_model(MODEL)
-    decision = _gate(client, _evidence(1, zero_shot=0.95))
-    assert not decision["promoted"] and "below its floor 95.0%" in decision["reasons"][0]
+    decision = _gate(client, _evidence(1, zero_shot={"wrong_among_old": 0}))
+    assert not decision["promoted"] and decision["reasons"] == [
+        "task 1 (the new task): accuracy 90.0% is below its floor 100.0% (zero-shot accuracy on it)"]
     assert registry.champion(client, MODEL) is None
 
 
@@ -190,12 +216,16 @@ def test_nan_figures_fail_the_gate_with_a_reason(client):
     # The new task's images are gone (NaN accuracy): not "no figure, no check".
     labels, logits = _logits(2)
     keep = labels < 2
-    decision = _gate(client, _evidence(2, labels[keep], logits[keep]))
+    decision = _gate(client, _evidence(2, labels[keep], logits[keep], zero_shot=_logits(2, **UNTRAINED)[1][keep]))
     assert not decision["promoted"]
     assert "task 2 (the new task): its accuracy is NaN" in decision["reasons"]
-    # A zero-shot floor that could not be measured.
-    decision = _gate(client, _evidence(2, zero_shot=math.nan))
-    assert decision["reasons"] == ["task 2 (the new task): its floor (zero_shot) is NaN, so it cannot be checked"]
+    # Zero-shot figures that could not be measured.
+    decision = _gate(client, _evidence(2, zero_shot=None))
+    assert decision["reasons"] == [
+        "task 2 (the new task): its floor (zero_shot) is NaN, so it cannot be checked",
+        "task 1: the share of its images taken by the 2 class(es) the champion does not know is 0.0%, zero-shot's NaN: "
+        "a NaN figure cannot be compared",
+    ]
     # A champion whose own figure is NaN.
     nan_champion = _register(client, _evidence(1), accuracy_row=json.dumps({"1": math.nan}))
     client.set_registered_model_alias(MODEL, "champion", nan_champion)
@@ -227,7 +257,7 @@ def test_every_move_is_recorded_shown_and_rolled_back(project, store, client, mo
     # The commands find the store as every step does (here: MLFLOW_TRACKING_URI).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     _gate(client, _evidence(1), run_id="a" * 32)
-    _gate(client, _evidence(2, taken_by_new=3), run_id="b" * 32)
+    _gate(client, _evidence(2, taken_by_new=3, zero_shot={"new_right": 0, "taken_by_new": 3}), run_id="b" * 32)
     runner = CliRunner()
 
     missing = runner.invoke(app, ["rollback", "--model", MODEL, "--to", "1"])
