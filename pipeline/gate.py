@@ -217,7 +217,8 @@ def gate_decision(evidence: Evidence, champion: Champion | None, max_task_drop: 
     needs, when the candidate does not know every class the champion knows, or when a task
     the champion was measured on was measured on other classes or test images for the
     candidate. Otherwise rejected for each failed rule: a NaN or missing figure, an earlier
-    task whose restricted accuracy is more than ``max_task_drop`` below the champion's,
+    task whose restricted accuracy is more than ``max_task_drop`` below the champion's, or
+    whose images the new classes take ``max_task_drop`` more of than zero-shot sends them,
     a restricted mean more than ``max_average_drop`` below the champion's mean, a new task
     below its floor."""
     task = str(evidence.task)
