@@ -295,6 +295,58 @@ def classify(
     _run(run)
 
 
+def _registry_client(params: Path, model: Optional[str]):
+    """The MLflow client of the current params' tracking store, and the model to address:
+    ``model``, else the classifier of the params' lineage (as the pipeline derives it)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import config
+    from pipeline.registry import model_name
+    from pipeline.tracking import bound_mlflow_retries, check_tracking_server, tracking_uri, tracking_uri_origin
+
+    cfg = config.load(params if params.exists() else None, None)
+    name = model or model_name(cfg, "classifier")
+    bound_mlflow_retries(cfg.tracking)
+    check_tracking_server(tracking_uri(cfg), cfg.tracking, tracking_uri_origin(cfg))
+    return MlflowClient(tracking_uri(cfg)), name
+
+
+RegistryModelOption = typer.Option(None, "--model", "-m", help="Registered model name (default: the classifier of the current params' lineage, <experiment>-<lineage>-classifier).")
+
+
+@app.command()
+def champion(model: Optional[str] = RegistryModelOption, params: Path = ParamsOption) -> None:
+    """Show which version holds `champion`, and every recorded move of the alias."""
+    from pipeline import gate
+
+    def show():
+        client, name = _registry_client(params, model)
+        return gate.history_text(client, name)
+
+    typer.echo(_run(show))
+
+
+@app.command()
+def rollback(
+    to: str = typer.Option(..., "--to", help="Version number that takes the champion alias."),
+    reason: str = typer.Option(None, "--reason", help="Why (recorded with the move; required)."),
+    model: Optional[str] = RegistryModelOption,
+    params: Path = ParamsOption,
+) -> None:
+    """Move `champion` to an earlier (or any) version by hand; the move is recorded like the gate's."""
+    from pipeline import gate
+
+    def move():
+        client, name = _registry_client(params, model)
+        return name, gate.rollback(client, name, to, reason or "")
+
+    name, record = _run(move)
+    if record is None:
+        typer.echo(f"{name}: v{to} already holds champion; nothing moved")
+    else:
+        typer.echo(f"{name}: champion moved from {'v' + record['from'] if record['from'] else 'no version'} to v{record['to']}")
+
+
 @app.command()
 def ingest(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Take every ready batch of the stream source into the ledger (dataset=stream)."""

@@ -269,6 +269,15 @@ class GateConfig(_Strict):
 
     max_task_drop: float = Field(default=0.10, ge=0, le=1)
     max_average_drop: float = Field(default=0.05, ge=0, le=1)
+    # The new task's own accuracy must reach this: "zero_shot" (CLIP's zero-shot accuracy on
+    # the same test images among the same seen classes, less max_task_drop), a fixed
+    # fraction, or none (null).
+    new_task_floor: Union[Literal["zero_shot", "none"], Annotated[float, Field(ge=0, le=1)], None] = "zero_shot"
+
+    @field_validator("new_task_floor")
+    @classmethod
+    def _none_means_no_floor(cls, value):
+        return None if value == "none" else value
 
 
 class TrackingConfig(_Strict):

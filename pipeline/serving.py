@@ -1,4 +1,4 @@
-"""The servable classifier of a task: an MLflow pyfunc model, and the promotion gate.
+"""The servable classifier of a task: an MLflow pyfunc model (the promotion gate is pipeline.gate).
 
 A version holds what classifying needs after that task, and nothing of the training data:
 the learned class features ``f_c`` of the seen classes, the probabilistic head (if the
@@ -226,61 +226,3 @@ def log_pyfunc(tracking_uri: str, run_id: str, classifier_path: Path, dim: int) 
             input_example=example,
         )
     return info.model_uri
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-def gate_decision(
-    candidate: dict[str, float], champion: dict[str, float] | None, max_task_drop: float, max_average_drop: float,
-    *, candidate_classes: list[str] | None = None, champion_classes: list[str] | None = None,
-    candidate_tests: dict[str, str] | None = None, champion_tests: dict[str, str] | None = None,
-) -> tuple[bool, list[str]]:
-    """Whether the candidate may become champion. Both are ``{task: accuracy}`` rows.
-
-    Like is compared with like only. Rejected, before any accuracy is compared, if it does
-    not know every class the champion knows (``*_classes``: class names), or if a task the
-    champion was measured on was measured on other classes or test images for the candidate
-    (``*_tests``: ``{task: digest of its classes and test embeddings}``); either check is
-    skipped when a side's list is not given. Then rejected if its accuracy on any task the
-    champion covers is more than ``max_task_drop`` below the champion's, or its mean
-    accuracy over those tasks is more than ``max_average_drop`` below the champion's mean."""
-    if champion is None:
-        return True, ["no champion yet"]
-    if candidate_classes is not None and champion_classes is not None:
-        unknown = [c for c in champion_classes if c not in set(candidate_classes)]
-        if unknown:
-            if len(candidate_classes) < len(champion_classes):
-                what = f"knows {len(candidate_classes)} classes, the champion knows {len(champion_classes)}"
-            else:
-                shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-                what = f"does not know {len(unknown)} class(es) the champion knows ({shown})"
-            return False, [f"{what}: a version must cover every class the champion knows"]
-    if candidate_tests is not None and champion_tests is not None:
-        differing = sorted((t for t in champion_tests if candidate_tests.get(t) != champion_tests[t]), key=int)
-        if differing:
-            return False, [
-                f"task(s) {', '.join(differing)}: measured on other classes or test images than the champion's "
-                "(test digests differ), so their accuracies are not comparable; re-evaluate both on the same "
-                "test set, or move the champion alias by hand"
-            ]
-    reasons, passed = [], True
-    shared = sorted(set(champion) & set(candidate), key=int)
-    for task in shared:
-        drop = champion[task] - candidate[task]
-        if drop > max_task_drop:
-            passed = False
-            reasons.append(
-                f"task {task}: accuracy {100 * candidate[task]:.1f}% is {100 * drop:.1f} points below the "
-                f"champion's {100 * champion[task]:.1f}% (allowed {100 * max_task_drop:.1f})"
-            )
-    ours = sum(candidate[t] for t in shared) / max(1, len(shared))
-    theirs = sum(champion[t] for t in shared) / max(1, len(shared))
-    mean = (f"mean accuracy over tasks {', '.join(shared)}: {100 * ours:.1f}% against the champion's "
-            f"{100 * theirs:.1f}% (allowed drop {100 * max_average_drop:.1f})")
-    if shared and theirs - ours > max_average_drop:
-        passed = False
-        reasons.append(mean)
-    if passed:
-        reasons.append(f"no earlier task drops more than {100 * max_task_drop:.1f} points; {mean}")
-    return passed, reasons

@@ -535,7 +535,8 @@ def _novelty_folder(cfg: Config) -> str:
 
 def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
     """Accuracy, calibration and novel-class detection on the real test embeddings after
-    training task ``task``."""
+    training task ``task``; then the task's classifier version and the gate's decision,
+    written into the evaluation file with the figures."""
     from pipeline.evaluate import evaluate_task, plot_reliability
     from pipeline.io import read_json
 
@@ -570,7 +571,6 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
             )
             if path.exists()
         }
-        write_json(task_file(cfg.paths.evaluations, task, ".json"), result)
         run.log_metrics({"step_accuracy": result["step_accuracy"], "ece": result["calibration"]["ece"]}, step=task)
         run.log_metrics({f"accuracy_task_{int(k):02d}": v for k, v in result["accuracy_row"].items()}, step=task)
         if result["transfer"]:
@@ -591,25 +591,37 @@ def run_evaluate(cfg: Config, task: int) -> dict[str, Any]:
                              f"{cfg.method.name} after task {task}")
             run.log_artifact(diagram, "plots")
             if cfg.tracking.register_classifier:
+                from pipeline import gate
+
                 names = tasks_lib.class_names(seen_inputs)
-                result["registry"] = _register_classifier(
-                    cfg, tracker, run, task, classifier, backbone, result, test, task_classes, names, Path(tmp)
+                in_seen = torch.isin(test["labels"], torch.tensor(seen, dtype=test["labels"].dtype))
+                # The seen classes' w_c, the rows the untrained prompt state starts from.
+                w = torch.cat([tasks_lib.load_class_text(t.text, backbone.sha256, t.class_ids)["class_features"]
+                               for t in seen_inputs])
+                evidence = gate.Evidence(
+                    task=task, class_ids=list(classifier.class_ids), names=names, tasks=task_classes,
+                    logits=sample_logits.mean(dim=0)[in_seen], labels=test["labels"][in_seen],
+                    accuracy_row={k: float(v) for k, v in result["accuracy_row"].items()},
+                    test_digests=registry.task_test_digests(test, task_classes, names),
+                    zero_shot_logits=gate.zero_shot_logits(test["embeddings"][in_seen], w, classifier.logit_scale),
                 )
+                result["registry"] = _register_classifier(cfg, tracker, run, task, classifier, backbone, result,
+                                                          test, evidence, Path(tmp))
+        # Written last, with the gate's decision: a step that fails before it leaves no file.
+        write_json(task_file(cfg.paths.evaluations, task, ".json"), result)
     return result
 
 
 def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifier, backbone, result: dict,
-                         test: dict[str, torch.Tensor], task_classes: list[list[int]], names: dict[int, str],
-                         tmp: Path) -> dict:
+                         test: dict[str, torch.Tensor], evidence, tmp: Path) -> dict:
     """A pyfunc model version of this task's classifier in its lineage's model, aliased
-    ``task-<k>``; it takes the ``champion`` alias only if it passes the gate against the
-    current champion. A version registered from identical inputs is reused as it is."""
-    from pipeline import serving
+    ``task-<k>``; it takes the ``champion`` alias only if it passes the gate (pipeline.gate)
+    against the current champion. A version registered from identical inputs is reused as
+    it is: its earlier decision stands."""
+    from pipeline import gate, serving
 
     name = tracker.model_name("classifier")
     lineage = tracker.lineage
-    known_classes = [names[c] for c in classifier.class_ids]
-    task_tests = registry.task_test_digests(test, task_classes, names)
     # The prompt state holds every seen class's zero-shot features: no other text input.
     digest = registry.input_digest(lineage, "classifier", task, {
         "prompt_state": registry.safetensors_digest(task_file(cfg.paths.prompts, task)),
@@ -618,20 +630,23 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
     registry.ensure_registered_model(tracker.client, name, lineage, description=(
         "Classifier after each task of one lineage (see the recall.lineage.* tags): learned prompts (and "
         "probabilistic head) over the classes seen so far. Alias task-<k> marks each task's version; champion "
-        "the best one that passed the gate."
+        "the best one that passed the gate; recall.champion.move.<n> tags record every move of champion."
     ))
-    champion = registry.champion(tracker.client, name)
-    champion_version = champion.version if champion is not None else None
-
     existing = registry.find_version(tracker.client, name, digest)
     if existing is not None and "gate" in existing.tags:
         # Re-running an identical experiment (or retrying this step) must neither add a
         # version nor move an alias: the earlier decision stands.
+        champion = registry.champion(tracker.client, name)
+        champion_version = str(champion.version) if champion is not None else None
+        earlier = [r for r in existing.tags.get("gate_reasons", "").split(" | ") if r]
         decision = {
-            "model": name, "version": existing.version, "reused": True, "promoted": False,
-            "champion": champion_version == existing.version, "champion_before": champion_version,
+            "model": name, "version": str(existing.version), "reused": True, "promoted": False,
+            "champion": champion_version == str(existing.version), "decision": existing.tags["gate"],
+            "champion_before": champion_version, "champion_after": champion_version,
             "reasons": [f"inputs identical to version {existing.version} ({registry.INPUT_DIGEST_TAG} "
-                        f"{digest[:12]}): reused it; aliases left as they are"],
+                        f"{digest[:12]}): reused it; aliases left as they are; its gate decision: "
+                        f"{existing.tags['gate']}", *earlier],
+            "figures": json.loads(existing.tags.get("gate_figures", "{}")),
             "gate": cfg.tracking.gate.model_dump(),
         }
         run.set_tag(f"recall.registered.{name}", existing.version)
@@ -642,7 +657,6 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
         log.info("task %d classifier %s: %s", task, name, decision["reasons"][0])
         return decision
 
-    accuracy = {k: float(v) for k, v in result["accuracy_row"].items()}
     if existing is not None:
         # An earlier attempt registered it but stopped before its gate decision.
         version = existing.version
@@ -653,16 +667,13 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
             "folder": str(Path(cfg.paths.backbone).resolve()),
             "source": cfg.backbone.source, "pretrained": cfg.backbone.pretrained,
         }
-        serving.save_classifier(path, classifier, names, backbone_ref, {"task": task, "method": cfg.method.name, "seed": cfg.seed})
+        serving.save_classifier(path, classifier, dict(evidence.names), backbone_ref, {"task": task, "method": cfg.method.name, "seed": cfg.seed})
         model_uri = serving.log_pyfunc(tracker.uri, run.run_id, path, classifier.class_features.shape[1])
         tags = {
             **tracker.version_tags(task),
             "step_accuracy": f"{result['step_accuracy']:.4f}",
             "ece": f"{result['calibration']['ece']:.4f}",
-            "accuracy_row": json.dumps(accuracy),
-            "classes": json.dumps(known_classes),
-            "class_count": str(len(known_classes)),
-            "test_digests": json.dumps(task_tests),
+            **evidence.version_tags(),
             registry.INPUT_DIGEST_TAG: digest,
         }
         import mlflow
@@ -673,32 +684,16 @@ def _register_classifier(cfg: Config, tracker: Tracker, run, task: int, classifi
         with using_tracking_uri(tracker.uri):
             version = mlflow.register_model(model_uri, name, tags=tags).version
     tracker.client.set_registered_model_alias(name, f"task-{task}", version)
-    champion_row = champion_classes = champion_tests = None
-    if champion is not None:
-        champion_row = {k: float(v) for k, v in json.loads(champion.tags.get("accuracy_row", "{}")).items()}
-        champion_classes = json.loads(champion.tags["classes"]) if "classes" in champion.tags else None
-        champion_tests = json.loads(champion.tags["test_digests"]) if "test_digests" in champion.tags else None
-    gate = cfg.tracking.gate
-    passed, reasons = serving.gate_decision(
-        accuracy, champion_row, gate.max_task_drop, gate.max_average_drop,
-        candidate_classes=known_classes, champion_classes=champion_classes,
-        candidate_tests=task_tests, champion_tests=champion_tests,
-    )
-    if passed:
-        tracker.client.set_registered_model_alias(name, "champion", version)
-    decision = {
-        "model": name, "version": version, "reused": existing is not None, "promoted": passed, "champion": passed,
-        "reasons": reasons, "champion_before": champion_version, "gate": gate.model_dump(),
-    }
-    tracker.client.set_model_version_tag(name, version, "gate_reasons", " | ".join(reasons)[:5000])
-    # Set last: a version without it had its registration interrupted (see above).
-    tracker.client.set_model_version_tag(name, version, "gate", "passed" if passed else "rejected")
+    decision = {**gate.decide(tracker.client, name, str(version), evidence, cfg.tracking.gate, run.run_id),
+                "reused": existing is not None}
+    passed = decision["promoted"]
     run.set_tag(f"recall.registered.{name}", version)
-    run.set_tag("recall.gate", "passed" if passed else "rejected")
-    run.set_tag("recall.gate_reasons", " | ".join(reasons)[:5000])
+    run.set_tag("recall.gate", decision["decision"])
+    run.set_tag("recall.gate_reasons", " | ".join(decision["reasons"])[:5000])
     run.log_metric("gate_passed", float(passed), step=task)
     _log_decision(run, decision, tmp)
-    log.info("task %d classifier %s v%s: %s (%s)", task, name, version, "champion" if passed else "not promoted", "; ".join(reasons))
+    log.info("task %d classifier %s v%s: %s (%s)", task, name, version, "champion" if passed else "not promoted",
+             "; ".join(decision["reasons"]))
     return decision
 
 
