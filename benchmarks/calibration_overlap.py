@@ -7,7 +7,7 @@ about half the time. One task of all classes; each method trains at the same bud
 it trains on (cgil, clap: fresh draws from per-class VAEs fitted on the train embeddings;
 joint: the real train embeddings) and is scored on held-out embeddings.
 
-    python -m benchmarks.calibration_overlap [--classes 12] [--sigma 0.09] [--epochs 10]
+    python -m benchmarks.calibration_overlap [--classes 12] [--sigma 0.5] [--epochs 10]
         [--variant name=override ...]
 
 Run `dvc repro embed-text@all` first (it needs the demo backbone and its text features).
@@ -86,7 +86,7 @@ def _shuffled(sample: tuple[torch.Tensor, torch.Tensor], epoch: int) -> tuple[to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=12)
-    parser.add_argument("--sigma", type=float, default=0.09)
+    parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
