@@ -569,6 +569,21 @@ def test_prefect_yaml_deployments_match_the_flows():
     assert recall_flows.STEP_FLOW == "recall-step" and recall_flows.recall_step.name == "recall-step"
 
 
+def test_workers_of_both_stacks_poll_every_few_seconds_unless_told_otherwise(tmp_path, monkeypatch):
+    """Each task sent to a step deployment waits for a worker's poll: make prefect's and the
+    team stack's workers poll every WORKER_POLL_SECONDS, not Prefect's 10 s."""
+    from flows.local import WORKER_POLL_SECONDS, stack_env
+
+    monkeypatch.delenv("PREFECT_WORKER_QUERY_SECONDS", raising=False)
+    env = stack_env(tmp_path / "home", "http://127.0.0.1:1/api", tmp_path)
+    assert float(env["PREFECT_WORKER_QUERY_SECONDS"]) == WORKER_POLL_SECONDS < 10
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "7")
+    assert stack_env(tmp_path / "home", "http://127.0.0.1:1/api", tmp_path)["PREFECT_WORKER_QUERY_SECONDS"] == "7"
+    compose = yaml.safe_load((REPO / "infra/compose.yaml").read_text())
+    for worker in ("worker-cpu", "worker-gpu"):
+        assert float(compose["services"][worker]["environment"]["PREFECT_WORKER_QUERY_SECONDS"]) == WORKER_POLL_SECONDS
+
+
 # ------------------------------------------------------------------ end to end
 
 
