@@ -42,8 +42,9 @@ GPU_LIMIT = "gpu"
 GPU_LEASE_SECONDS = 60
 # Routing of stages: everything in this flow run; GPU families on recall-step/gpu and the
 # rest on recall-step/cpu; only GPU families on their deployment; or "deployments" when the
-# step deployments exist, else "inline" (a flow run without a server's deployments). Either
-# way a task's chain goes whole to recall-step/gpu when any of it is GPU work (dispatches).
+# step deployments exist, else "inline" (a flow run without a server's deployments). Sent to
+# deployments, a task's chain goes whole to recall-step/gpu when any of it is GPU work
+# (dispatches).
 ROUTINGS = ("inline", "deployments", "gpu-deployment", "auto")
 
 
