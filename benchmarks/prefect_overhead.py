@@ -11,9 +11,10 @@ MLflow store:
   (loopback, free port, sqlite), with the pools, the ``gpu`` limit, prefect.yaml's
   deployments and a process worker per pool, as ``make prefect`` sets them up; once per
   ``--routings`` entry (``inline``: every stage a task of the flow run; ``gpu-deployment``:
-  the GPU families as flow runs of ``recall-step/gpu``). Timed from the call to the flow
-  run's end, so worker pick-up and process start count; the server's start and the
-  deploy do not.
+  each task's chain, and the embeddings, as flow runs of ``recall-step/gpu``). Timed from
+  the call to the flow run's end, so worker pick-up and process start count; the server's
+  start and the deploy do not. Workers poll as ``make prefect``'s do
+  (flows/local.py WORKER_POLL_SECONDS) unless ``--worker-poll`` says otherwise.
 
 embed: images/s of the embed stage's own function (``embed_split``, the stage's batch and
 chunk sizes) on the prepared train split of ``--embed-project`` (the demo, after ``make
@@ -117,7 +118,7 @@ def time_through_prefect(projects: dict[str, Path], home: Path, worker_poll: flo
                 children = client.read_flow_runs(
                     flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
             results[routing] = {
-                "seconds": seconds, "child_flow_runs": len(children),
+                "seconds": seconds, "child_flow_runs": len(children), "worker_poll": env["PREFECT_WORKER_QUERY_SECONDS"],
                 # From the flow run's creation to its start: the queue, the worker's
                 # polling and the flow run's process start.
                 "pickup_seconds": (run.start_time - run.created).total_seconds() if run.start_time else float("nan"),
@@ -138,11 +139,8 @@ def pipeline_section(args, workdir: Path) -> None:
     if not args.routings:
         return
     results = time_through_prefect(prefect_roots, workdir / "prefect", args.worker_poll)
-    # Imported only now: Prefect reads its home when first imported (the server's, by now).
-    from prefect.settings import PREFECT_WORKER_QUERY_SECONDS
-
-    poll = PREFECT_WORKER_QUERY_SECONDS.value() if args.worker_poll is None else args.worker_poll
-    print(f"through Prefect (workers poll every {poll:g} s):", flush=True)
+    polls = {result["worker_poll"] for result in results.values()}
+    print(f"through Prefect (workers poll every {', '.join(sorted(polls))} s):", flush=True)
     for routing, result in results.items():
         print(f"  routing={routing:15s} {result['seconds']:7.1f} s  = {result['seconds'] / baseline:.2f}x dvc repro; "
               f"{result['child_flow_runs']} recall-step flow runs; "
@@ -206,7 +204,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2, help="tasks of the tiny demo (default 2)")
     parser.add_argument("--routings", nargs="*", choices=ROUTINGS, default=list(ROUTINGS))
     parser.add_argument("--worker-poll", type=float, default=None,
-                        help="seconds between a worker's polls for flow runs (default: Prefect's)")
+                        help="seconds between a worker's polls for flow runs (default: make prefect's)")
     parser.add_argument("--keep", metavar="DIR", help="keep the Prefect home and the project copies in DIR (new)")
     parser.add_argument("--embed-project", default=str(CHECKOUT),
                         help="project whose prepared data and backbone the embed section reads (default: this checkout)")

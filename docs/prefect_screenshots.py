@@ -49,12 +49,18 @@ def find_run(routing: str):
 
 
 def find_artifact(flow_run_id, key: str):
+    """The artifact ``key`` of the flow run or of one of its recall-step flow runs (a task
+    sent to a step deployment publishes its artifacts there)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
+                                                FlowRunFilter, FlowRunFilterParentFlowRunId)
 
     with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id, *(child.id for child in children)]),
+            key=ArtifactFilterKey(any_=[key])))
     return found[0] if found else None
 
 

@@ -34,6 +34,9 @@ DEFAULT_PORT = 4200
 HEARTBEAT_SECONDS = 30
 CRASH_AFTER_SECONDS = 90
 CRASH_AUTOMATION = "recall: crash unresponsive flow runs"
+# How often a worker asks the server for flow runs to start (Prefect's default: 10 s). Every
+# task's chain sent to a step deployment waits for the next poll; a poll is one small request.
+WORKER_POLL_SECONDS = 2
 
 
 def _prefect(*args: str) -> list[str]:
@@ -61,6 +64,7 @@ def stack_env(home: str | Path, api_url: str, project_dir: str | Path, extra: Ma
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(project_dir).resolve() / LOCAL_DB}"
     env.setdefault("RECALL_DVC_REMOTE", "")
     env.setdefault("RECALL_SOURCE", "")
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(WORKER_POLL_SECONDS))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.defpath)}"
     # The report stage's matplotlib keeps its font cache with the stack's state, not in the
     # home folder of whoever started the workers.

@@ -1,10 +1,14 @@
 """Prefect flows over Recall's DVC stages (design section 7).
 
 - ``recall-step``: runs named stages, one Prefect task each, through ``dvc repro
-  --single-item`` (one DVC cache and lock: DVC skips what is up to date). Deployed twice,
+  --single-item`` (one DVC cache and lock: DVC skips what is up to date), holding a slot of
+  the ``gpu`` limit throughout when any of them is GPU work. Deployed twice,
   ``recall-step/cpu`` and ``recall-step/gpu``, one per work pool.
 - ``recall-benchmark``: composes params.yaml from Hydra overrides, then runs every stage
-  that is out of date in dependency order, the GPU families on ``recall-step/gpu``.
+  that is out of date in dependency order. Sent to step deployments (``routing``), each
+  task's stages go as one flow run: the whole chain to ``recall-step/gpu`` when any of it is
+  GPU work (a flow run costs a worker's poll and a process start; per stage, that cost
+  was more than the tiny demo's stages themselves).
 - ``recall-update``: ``recall ingest``, then the stages that became out of date (the new
   tasks' and the report).
 
@@ -14,6 +18,7 @@ parent run of the whole pipeline run is keyed by it, and tagged ``prefect.flow_r
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,9 @@ GPU_LIMIT = "gpu"
 GPU_LEASE_SECONDS = 60
 # Routing of stages: everything in this flow run; GPU families on recall-step/gpu and the
 # rest on recall-step/cpu; only GPU families on their deployment; or "deployments" when the
-# step deployments exist, else "inline" (a flow run without a server's deployments).
+# step deployments exist, else "inline" (a flow run without a server's deployments). Sent to
+# deployments, a task's chain goes whole to recall-step/gpu when any of it is GPU work
+# (dispatches).
 ROUTINGS = ("inline", "deployments", "gpu-deployment", "auto")
 
 
@@ -51,12 +58,14 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 # would skip a stage that must run again within one flow run.
 @task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
       retry_jitter_factor=0.5, retry_condition_fn=_retry_unless_bad_input, cache_policy=NO_CACHE)
-def dvc_stage(stage: str, project_dir: str, pipeline_run: str) -> str:
-    """One DVC stage; a GPU family holds a slot of the ``gpu`` limit while it runs."""
+def dvc_stage(stage: str, project_dir: str, pipeline_run: str, take_gpu_slot: bool = True) -> str:
+    """One DVC stage; a GPU family holds a slot of the ``gpu`` limit while it runs, unless
+    its caller holds one already (``take_gpu_slot=False``: a step flow run holds it for
+    all its stages)."""
     logger = get_run_logger()
     env = dvc_stages.stage_env(pipeline_run)
-    if dvc_stages.pool_for(stage) == dvc_stages.GPU_POOL:
-        with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_SECONDS):
+    if take_gpu_slot and _needs_gpu([stage]):
+        with _gpu_slot():
             output = dvc_stages.run_stage(project_dir, stage, env)
     else:
         output = dvc_stages.run_stage(project_dir, stage, env)
@@ -93,8 +102,16 @@ def _compose(project_dir: str, overrides: list[str]) -> None:
     recall_command(["compose-params", *overrides], project_dir)
 
 
-def _run_inline(stage: str, project_dir: str, pipeline_run: str) -> None:
-    dvc_stage(stage, project_dir, pipeline_run)
+def _needs_gpu(stages: list[str]) -> bool:
+    return any(dvc_stages.pool_for(stage) == dvc_stages.GPU_POOL for stage in stages)
+
+
+def _gpu_slot():
+    return concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_SECONDS)
+
+
+def _run_inline(stage: str, project_dir: str, pipeline_run: str, take_gpu_slot: bool = True) -> None:
+    dvc_stage(stage, project_dir, pipeline_run, take_gpu_slot)
     key = dvc_stages.task_key(stage)
     if dvc_stages.family(stage) == "evaluate" and key:
         publish_task_artifacts(project_dir, key, pipeline_run)
@@ -126,36 +143,66 @@ def _resolve_routing(routing: str) -> str:
     return "deployments"
 
 
-@task(name="dispatch-stage", task_run_name="{stage} on {deployment}", cache_policy=NO_CACHE)
-def dispatch_stage(stage: str, deployment: str, project_dir: str, pipeline_run: str,
-                   params: dict[str, Any]) -> str:
-    """Run ``stage`` as a flow run of a step deployment and wait for it. Not retried here:
-    the step flow retries what is worth retrying itself."""
+def _dispatch_run_name() -> str:
+    from prefect.runtime import task_run
+
+    parameters = task_run.parameters
+    return f"{', '.join(parameters.get('stages') or [])} on {parameters.get('deployment')}"
+
+
+@task(name="dispatch-stages", task_run_name=_dispatch_run_name, cache_policy=NO_CACHE)
+def dispatch_stages(stages: list[str], deployment: str, project_dir: str, pipeline_run: str,
+                    params: dict[str, Any]) -> str:
+    """Run ``stages``, in this order, as one flow run of a step deployment and wait for it.
+    Not retried here: the step flow retries what is worth retrying itself, stage by stage."""
     from prefect.deployments import run_deployment
 
     child = run_deployment(
         deployment,
-        parameters={"stages": [stage], "params": params, "pipeline_run": pipeline_run, "project_dir": project_dir},
-        flow_run_name=step_run_name([stage], pipeline_run), poll_interval=2,
+        parameters={"stages": stages, "params": params, "pipeline_run": pipeline_run, "project_dir": project_dir},
+        flow_run_name=step_run_name(stages, pipeline_run), poll_interval=1,
     )
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise dvc_stages.StageRemoteError(
-            stage, f"flow run {child.name} ({child.id}) of {deployment} ended {state}: "
-                   f"{child.state.message if child.state else ''}")
+            ", ".join(stages), f"flow run {child.name} ({child.id}) of {deployment} ended {state}: "
+                               f"{child.state.message if child.state else ''}")
     return str(child.id)
 
 
-def run_stages(stage_names: list[str], project_dir: str, pipeline_run: str, routing: str) -> None:
+def dispatches(units: list[tuple[str, ...]], tasks: frozenset[str], routing: str) -> list[tuple[str | None, list[str]]]:
+    """Where each unit of ``Pipeline.units`` runs, in order: ``(deployment, stages)`` for one
+    flow run of a step deployment, ``(None, stages)`` for stages of this flow run. A task's
+    chain goes whole to ``recall-step/gpu`` when any of it goes there (its CPU stages are
+    seconds; a flow run of their own would cost more). Consecutive units bound for the same
+    deployment share a flow run, but never two tasks: each task's flow run holds the GPU
+    for that task only, and shows in the UI as that task's."""
+    gpu = f"{STEP_FLOW}/{dvc_stages.GPU_POOL}"
+    groups: list[tuple[str | None, list[str], bool]] = []
+    for unit in units:
+        targets = {route(stage, routing) for stage in unit}
+        deployment = gpu if gpu in targets else next((t for t in sorted(targets, key=str) if t), None)
+        is_task = dvc_stages.task_key(unit[0]) in tasks
+        if deployment and groups and groups[-1][0] == deployment and not (is_task and groups[-1][2]):
+            previous = groups.pop()
+            groups.append((deployment, previous[1] + list(unit), previous[2] or is_task))
+        else:
+            groups.append((deployment, list(unit), is_task))
+    return [(deployment, stages) for deployment, stages, _ in groups]
+
+
+def run_stages(pipeline: dvc_stages.Pipeline, plan: list[str], project_dir: str, pipeline_run: str,
+               routing: str) -> None:
+    groups = dispatches(pipeline.units(plan), pipeline.tasks(), routing)
     # A step flow run on another machine gets the params this one composed, so both run
     # the same configuration whatever that machine's params.yaml held.
-    routes = {stage: route(stage, routing) for stage in stage_names}
-    params = _read_params(project_dir) if any(routes.values()) else {}
-    for stage, deployment in routes.items():
+    params = _read_params(project_dir) if any(deployment for deployment, _ in groups) else {}
+    for deployment, stages in groups:
         if deployment is None:
-            _run_inline(stage, project_dir, pipeline_run)
+            for stage in stages:
+                _run_inline(stage, project_dir, pipeline_run)
         else:
-            dispatch_stage(stage, deployment, project_dir, pipeline_run, params)
+            dispatch_stages(stages, deployment, project_dir, pipeline_run, params)
 
 
 # Flow run names say what a run does (Prefect's default is a random "adjective-animal"):
@@ -211,18 +258,21 @@ def _tag_parent(project_dir: str, pipeline_run: str) -> None:
         get_run_logger().info("MLflow parent run %s tagged %s=%s", run_id, reporting.FLOW_RUN_TAG, pipeline_run)
 
 
-def _plan(project_dir: str) -> list[str]:
-    """What is out of date now, and everything downstream of it, from DVC."""
+def _plan(project_dir: str) -> tuple[dvc_stages.Pipeline, list[str]]:
+    """The project's stages and what is out of date now, and everything downstream of it,
+    from DVC."""
     pipeline = dvc_stages.discover(project_dir)
     plan = pipeline.plan(dvc_stages.changed_stages(project_dir))
     get_run_logger().info("%d of %d stages to run: %s", len(plan), len(pipeline.stages), ", ".join(plan) or "none")
-    return plan
+    return pipeline, plan
 
 
 @flow(name=STEP_FLOW, flow_run_name=_step_run_name)
 def recall_step(stages: list[str], overrides: list[str] | None = None, params: dict[str, Any] | None = None,
                 pipeline_run: str | None = None, project_dir: str = ".", push: bool = False) -> list[str]:
-    """Run the named DVC stages in the given order (each skipped by DVC when up to date).
+    """Run the named DVC stages in the given order (each skipped by DVC when up to date),
+    one Prefect task run each; when any is a GPU family, all of them hold one slot of the
+    ``gpu`` limit.
 
     First, ``overrides`` (Hydra) recompose params.yaml, or ``params`` (a composed config,
     what the benchmark and update flows send) replace it; ``pipeline_run`` is the MLflow
@@ -236,8 +286,12 @@ def recall_step(stages: list[str], overrides: list[str] | None = None, params: d
         _compose(project_dir, overrides)
     elif params is not None:
         _use_params(project_dir, params)
-    for stage in stages:
-        _run_inline(stage, project_dir, key)
+    # One slot for the whole list (a task's chain): taken and given back once, and no
+    # other GPU job between two of its stages.
+    gpu = _needs_gpu(stages)
+    with _gpu_slot() if gpu else contextlib.nullcontext():
+        for stage in stages:
+            _run_inline(stage, project_dir, key, take_gpu_slot=not gpu)
     if push:
         subprocess_output = dvc_stages.run_push(project_dir, stages)
         get_run_logger().info("%s", subprocess_output.strip())
@@ -293,9 +347,9 @@ def recall_update(source: str | None = None, overrides: list[str] | None = None,
 
 def _run_what_is_out_of_date(project_dir: str, key: str, routing: str) -> list[str]:
     """Plan from DVC's status, run it, and tag the MLflow parent run with this flow run."""
-    plan = _plan(project_dir)
+    pipeline, plan = _plan(project_dir)
     try:
-        run_stages(plan, project_dir, key, routing)
+        run_stages(pipeline, plan, project_dir, key, routing)
     finally:
         _tag_parent(project_dir, key)
     return plan

@@ -97,6 +97,59 @@ class Pipeline:
                 plan.append(stage)
         return plan
 
+    def tasks(self) -> frozenset[str]:
+        """The foreach keys that name a task: those several families share (generators@01,
+        replay@01, finetune@01, ...). A key of one family only (embed@train) is an item of
+        that family, not a task."""
+        families: dict[str, set[str]] = {}
+        for stage in self.stages:
+            key = task_key(stage)
+            if key is not None:
+                families.setdefault(key, set()).add(family(stage))
+        return frozenset(key for key, names in families.items() if len(names) > 1)
+
+    def units(self, plan: list[str]) -> list[tuple[str, ...]]:
+        """``plan`` cut into units that run back to back, dependencies first: each task's
+        stages in one unit (its whole chain, to go to one worker as one flow run), every
+        other stage a unit of its own. Of the units ready to run, one of the same pool as
+        the unit before comes first (fewer hand-overs between pools: the flows send
+        consecutive units to the same deployment as one flow run), then ``plan``'s order.
+        When no such order exists (a stage outside a task sits between two of that task's
+        stages), one unit per stage in ``plan``'s order."""
+        tasks = self.tasks()
+        position = {stage: i for i, stage in enumerate(plan)}
+
+        def unit_of(stage: str) -> str:
+            key = task_key(stage)
+            return f"@{key}" if key in tasks else stage
+
+        members: dict[str, list[str]] = {}
+        for stage in plan:
+            members.setdefault(unit_of(stage), []).append(stage)
+        pools = {unit: GPU_POOL if any(pool_for(s) == GPU_POOL for s in stages) else CPU_POOL
+                 for unit, stages in members.items()}
+        needs: dict[str, set[str]] = {unit: set() for unit in members}
+        needed_by: dict[str, set[str]] = {unit: set() for unit in members}
+        for stage in plan:
+            for up in self.upstream.get(stage, frozenset()):
+                if up in position and unit_of(up) != unit_of(stage):
+                    needs[unit_of(stage)].add(unit_of(up))
+                    needed_by[unit_of(up)].add(unit_of(stage))
+        ready = {unit for unit in members if not needs[unit]}
+        ordered: list[tuple[str, ...]] = []
+        pool = None
+        while ready:
+            unit = min(ready, key=lambda u: (pools[u] != pool, position[members[u][0]]))
+            ready.remove(unit)
+            ordered.append(tuple(members[unit]))
+            pool = pools[unit]
+            for later in needed_by[unit]:
+                needs[later].discard(unit)
+                if not needs[later]:
+                    ready.add(later)
+        if len(ordered) < len(members):
+            return [(stage,) for stage in plan]
+        return ordered
 
 def family(stage: str) -> str:
     """``finetune@03`` -> ``finetune``; ``embed-text`` -> ``embed-text``; a stage in a

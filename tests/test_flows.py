@@ -133,6 +133,63 @@ def test_routing_modes():
         route("report", "gpu")
 
 
+# The project's shape, small: per-split embeddings, chained per-task stages, a report.
+SHAPE = Pipeline(
+    ("prepare", "embed@train", "embed@test", "generators@01", "generators@02", "replay-init", "replay@01",
+     "replay@02", "novelty@01", "finetune@01", "evaluate@01", "novelty@02", "finetune@02", "evaluate@02", "report"),
+    {"embed@train": frozenset({"prepare"}), "embed@test": frozenset({"prepare"}),
+     "generators@01": frozenset({"embed@train"}), "generators@02": frozenset({"embed@train"}),
+     "replay@01": frozenset({"generators@01", "replay-init"}), "replay@02": frozenset({"generators@02", "replay@01"}),
+     "novelty@01": frozenset({"embed@test"}), "finetune@01": frozenset({"replay@01"}),
+     "evaluate@01": frozenset({"finetune@01", "novelty@01"}), "novelty@02": frozenset({"evaluate@01"}),
+     "finetune@02": frozenset({"finetune@01", "replay@02"}), "evaluate@02": frozenset({"finetune@02", "novelty@02"}),
+     "report": frozenset({"evaluate@01", "evaluate@02"})},
+)
+TASK_01 = ("generators@01", "replay@01", "novelty@01", "finetune@01", "evaluate@01")
+TASK_02 = ("generators@02", "replay@02", "novelty@02", "finetune@02", "evaluate@02")
+
+
+def test_units_put_each_tasks_chain_back_to_back_after_what_it_needs():
+    assert SHAPE.tasks() == {"01", "02"}  # train and test key one family each: not tasks
+    units = SHAPE.units(list(SHAPE.stages))
+    assert units == [("prepare",), ("replay-init",), ("embed@train",), ("embed@test",), TASK_01, TASK_02, ("report",)]
+    assert SHAPE.units(SHAPE.plan(["replay@02"])) == [("replay@02", "finetune@02", "evaluate@02"), ("report",)]
+    # A stage outside task 01 between two of its stages: no order keeps the task together.
+    between = Pipeline(("a@01", "check", "b@01"), {"check": frozenset({"a@01"}), "b@01": frozenset({"check"})})
+    assert between.units(list(between.stages)) == [("a@01",), ("check",), ("b@01",)]
+
+
+def test_units_order_every_stage_of_the_project_after_its_upstream():
+    pipeline = dvc_stages.discover(REPO)
+    units = pipeline.units(list(pipeline.stages))
+    order = [stage for unit in units for stage in unit]
+    assert sorted(order) == sorted(pipeline.stages)
+    position = {stage: i for i, stage in enumerate(order)}
+    for stage, upstream in pipeline.upstream.items():
+        assert all(position[u] < position[stage] for u in upstream), stage
+    for key in pipeline.tasks():
+        [unit] = [u for u in units if any(dvc_stages.task_key(s) == key for s in u)]
+        assert {dvc_stages.family(s) for s in unit} >= {"finetune", "evaluate"}, unit
+
+
+def test_dispatches_send_each_tasks_chain_as_one_flow_run_and_never_two_tasks_in_one():
+    from flows.recall_flows import dispatches
+
+    units = SHAPE.units(list(SHAPE.stages))
+    gpu, cpu = "recall-step/gpu", "recall-step/cpu"
+    # The embeddings before task 01 go with it: consecutive stages bound for the same deployment.
+    assert dispatches(units, SHAPE.tasks(), "gpu-deployment") == [
+        (None, ["prepare"]), (None, ["replay-init"]), (gpu, ["embed@train", "embed@test", *TASK_01]),
+        (gpu, list(TASK_02)), (None, ["report"])]
+    assert dispatches(units, SHAPE.tasks(), "deployments") == [
+        (cpu, ["prepare", "replay-init"]), (gpu, ["embed@train", "embed@test", *TASK_01]), (gpu, list(TASK_02)),
+        (cpu, ["report"])]
+    assert all(deployment is None for deployment, _ in dispatches(units, SHAPE.tasks(), "inline"))
+    # A task without GPU work (only its evaluation is out of date) stays in the flow run.
+    assert dispatches(SHAPE.units(["evaluate@02", "report"]), SHAPE.tasks(), "gpu-deployment") == [
+        (None, ["evaluate@02"]), (None, ["report"])]
+
+
 def test_step_flow_takes_composed_params_and_rewrites_only_what_differs(tmp_path):
     from flows.recall_flows import _read_params, _use_params
 
@@ -209,6 +266,110 @@ stages:
 """
 
 
+# Two tasks of three stages (generators and finetune are GPU families; score is not), chained
+# through finetune; stage processes append their name to ran.txt.
+CHAIN_TOY = """
+stages:
+  source:
+    cmd: python -c "open('ran.txt', 'a').write('source '); open('src.txt', 'w').write('s')"
+    outs: [src.txt]
+  generators:
+    foreach: ["01", "02"]
+    do:
+      cmd: python -c "open('ran.txt', 'a').write('generators@${item} '); open('g${item}.txt', 'w').write('g')"
+      deps: [src.txt]
+      outs:
+        - g${item}.txt
+  finetune:
+    foreach:
+      "01": {previous: src.txt}
+      "02": {previous: f01.txt}
+    do:
+      cmd: python -c "open('ran.txt', 'a').write('finetune@${key} '); open('f${key}.txt', 'w').write('f')"
+      deps:
+        - g${key}.txt
+        - "${item.previous}"
+      outs:
+        - f${key}.txt
+  score:
+    foreach: ["01", "02"]
+    do:
+      cmd: >-
+        python -c "import os; open('ran.txt', 'a').write('score@${item} ');
+        os.path.exists('crash-${item}') and exit(1); open('s${item}.txt', 'w').write('s')"
+      deps:
+        - f${item}.txt
+      outs:
+        - s${item}.txt
+  report:
+    cmd: python -c "open('ran.txt', 'a').write('report '); open('report.txt', 'w').write('r')"
+    deps: [s01.txt, s02.txt]
+    outs: [report.txt]
+"""
+
+
+@pytest.fixture
+def dispatched(tmp_path, monkeypatch):
+    """A toy project of two task chains, and what its flow runs dispatch: run_deployment
+    replaced by the step flow run as a sub-flow run here (what a worker of the deployment
+    would run), the ``gpu`` slot's takes and gives recorded between the stages that ran."""
+    import contextlib
+
+    import prefect.deployments
+    from prefect.client.orchestration import get_client
+
+    from flows import recall_flows
+
+    toy = _toy_repo(tmp_path / "chains", CHAIN_TOY)
+    (toy / "params.yaml").write_text("seed: 0\n")
+    record = {"dispatched": [], "events": [], "children": []}
+
+    def run_deployment(name, parameters, flow_run_name, poll_interval):
+        record["dispatched"].append((name, list(parameters["stages"])))
+        state = recall_flows.recall_step(**parameters, return_state=True)
+        with get_client(sync_client=True) as client:
+            child = client.read_flow_run(state.state_details.flow_run_id)
+        record["children"].append(child)
+        return child
+
+    @contextlib.contextmanager
+    def concurrency(name, occupy, lease_duration):
+        record["events"].append(f"take {name}")
+        try:
+            yield
+        finally:
+            record["events"].append(f"give {name}")
+
+    run_stage = dvc_stages.run_stage
+
+    def recorded_run_stage(project_dir, stage, env):
+        record["events"].append(stage)
+        return run_stage(project_dir, stage, env)
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+    monkeypatch.setattr(recall_flows, "concurrency", concurrency)
+    monkeypatch.setattr(dvc_stages, "run_stage", recorded_run_stage)
+    monkeypatch.setattr(recall_flows, "recall_command", lambda args, project_dir: None)  # compose-params
+    monkeypatch.setattr(recall_flows, "dvc_stage", recall_flows.dvc_stage.with_options(retry_delay_seconds=0))
+    return toy, record
+
+
+def _task_runs(flow_run_id, expected: int):
+    """The task runs of a flow run, once ``expected`` of them reached the server in a final
+    state (task-run states arrive as events)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) >= expected and all(r.state and r.state.is_final() for r in runs):
+                return runs
+            assert time.monotonic() < deadline, [(r.name, r.state) for r in runs]
+            time.sleep(0.5)
+
+
 @pytest.mark.usefixtures("prefect_harness")
 class TestFlowRuns:
     def test_step_flow_retries_a_crash_but_not_bad_input(self, toy, monkeypatch):
@@ -222,6 +383,57 @@ class TestFlowRuns:
         state = recall_flows.recall_step(["refuses"], project_dir=str(toy), return_state=True)
         assert state.is_failed() and "no such folder" in state.message
         assert (toy / "refusals").read_text() == "x"
+
+    def test_each_task_goes_to_the_gpu_deployment_as_one_flow_run_holding_the_slot_once(self, dispatched):
+        from flows import recall_flows
+
+        toy, record = dispatched
+        state = recall_flows.recall_benchmark(project_dir=str(toy), routing="gpu-deployment", return_state=True)
+        assert state.is_completed(), state.message
+        task_01, task_02 = ["generators@01", "finetune@01", "score@01"], ["generators@02", "finetune@02", "score@02"]
+        assert record["dispatched"] == [("recall-step/gpu", task_01), ("recall-step/gpu", task_02)]
+        # The slot: taken once per task, held across its chain (its CPU stage too), given back.
+        assert record["events"] == ["source", "take gpu", *task_01, "give gpu", "take gpu", *task_02, "give gpu",
+                                    "report"]
+        assert (toy / "ran.txt").read_text().split() == ["source", *task_01, *task_02, "report"]
+        parent = str(state.state_details.flow_run_id)
+        for child, stages in zip(record["children"], (task_01, task_02)):
+            # Named for what it runs and the pipeline run it belongs to; one task run per stage.
+            assert child.name == f"{', '.join(stages)} for {parent[:8]}"
+            assert child.parameters["pipeline_run"] == parent and child.state.is_completed()
+            runs = _task_runs(child.id, len(stages))
+            assert sorted(r.name for r in runs) == sorted(stages)
+            assert all(r.state.is_completed() for r in runs)
+        dispatches = [r.name for r in _task_runs(parent, 4) if r.name.endswith(" on recall-step/gpu")]
+        assert sorted(dispatches) == sorted(f"{', '.join(s)} on recall-step/gpu" for s in (task_01, task_02))
+
+    def test_a_failed_stage_inside_a_tasks_flow_run_is_retried_then_fails_the_pipeline(self, dispatched):
+        from flows import recall_flows
+
+        toy, record = dispatched
+        (toy / "crash-01").write_text("")
+        state = recall_flows.recall_benchmark(project_dir=str(toy), routing="gpu-deployment", return_state=True)
+        assert state.is_failed()
+        assert "score@01" in state.message and "recall-step/gpu" in state.message, state.message
+        # Three attempts of the crashing stage, inside task 01's flow run, then nothing more:
+        # task 02 and the report never start; the slot is given back.
+        assert (toy / "ran.txt").read_text().split() == [
+            "source", "generators@01", "finetune@01", "score@01", "score@01", "score@01"]
+        assert record["dispatched"] == [("recall-step/gpu", ["generators@01", "finetune@01", "score@01"])]
+        assert record["events"][-2:] == ["score@01", "give gpu"]
+        [child] = record["children"]
+        assert child.state.is_failed()
+        runs = {r.name: r for r in _task_runs(child.id, 3)}
+        assert runs["score@01"].state.is_failed() and runs["score@01"].run_count == 3
+        assert runs["finetune@01"].state.is_completed()
+        # Once the cause is gone, a re-run resumes at the failed stage: DVC skips the rest.
+        (toy / "crash-01").unlink()
+        (toy / "ran.txt").unlink()
+        record["events"].clear()
+        state = recall_flows.recall_benchmark(project_dir=str(toy), routing="gpu-deployment", return_state=True)
+        assert state.is_completed(), state.message
+        ran = (toy / "ran.txt").read_text().split()
+        assert sorted(ran[:-1]) == ["finetune@02", "generators@02", "score@01", "score@02"] and ran[-1] == "report"
 
     def test_update_flow_runs_only_what_the_ingest_made_out_of_date(self, tmp_path, monkeypatch):
         from flows import recall_flows
@@ -357,6 +569,21 @@ def test_prefect_yaml_deployments_match_the_flows():
     assert recall_flows.STEP_FLOW == "recall-step" and recall_flows.recall_step.name == "recall-step"
 
 
+def test_workers_of_both_stacks_poll_every_few_seconds_unless_told_otherwise(tmp_path, monkeypatch):
+    """Each task sent to a step deployment waits for a worker's poll: make prefect's and the
+    team stack's workers poll every WORKER_POLL_SECONDS, not Prefect's 10 s."""
+    from flows.local import WORKER_POLL_SECONDS, stack_env
+
+    monkeypatch.delenv("PREFECT_WORKER_QUERY_SECONDS", raising=False)
+    env = stack_env(tmp_path / "home", "http://127.0.0.1:1/api", tmp_path)
+    assert float(env["PREFECT_WORKER_QUERY_SECONDS"]) == WORKER_POLL_SECONDS < 10
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "7")
+    assert stack_env(tmp_path / "home", "http://127.0.0.1:1/api", tmp_path)["PREFECT_WORKER_QUERY_SECONDS"] == "7"
+    compose = yaml.safe_load((REPO / "infra/compose.yaml").read_text())
+    for worker in ("worker-cpu", "worker-gpu"):
+        assert float(compose["services"][worker]["environment"]["PREFECT_WORKER_QUERY_SECONDS"]) == WORKER_POLL_SECONDS
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -446,8 +673,9 @@ def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_
                         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])),
                         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[gpu_deployment.id])),
                     )
-                    artifacts = client.read_artifacts(
-                        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                    # evaluate@01 runs in task 01's flow run of recall-step/gpu: its artifacts are there.
+                    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *(child.id for child in children)])))
         finally:
             for worker in workers:
                 stop(worker)
@@ -459,10 +687,14 @@ def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_
         assert [r.parameters for r in update_runs] == [{"source": "s3://recall-bucket/incoming",
                                                         "overrides": ["dataset=stream"]}]
 
-    gpu_stages = {s for s in dvc_stages.discover(repo).stages if dvc_stages.pool_for(s) == "gpu"}
+    pipeline = dvc_stages.discover(repo)
+    gpu_stages = {s for s in pipeline.stages if dvc_stages.pool_for(s) == "gpu"}
     assert {"embed@train", "embed@test", "generators@01", "finetune@01"} <= gpu_stages
-    ran_on_gpu = [tuple(child.parameters["stages"]) for child in children]
-    assert sorted(ran_on_gpu) == sorted((s,) for s in gpu_stages)
+    # One flow run for task 01: its whole chain (the embeddings before it ride along), not one per stage.
+    ran_on_gpu = [child.parameters["stages"] for child in children]
+    assert pipeline.tasks() == {"01"} and len(ran_on_gpu) == 1, ran_on_gpu
+    task_01 = {s for s in pipeline.stages if dvc_stages.task_key(s) == "01"}
+    assert gpu_stages | task_01 == set(ran_on_gpu[0]), ran_on_gpu
     assert all(child.state.is_completed() for child in children)
     assert all(child.parameters["pipeline_run"] == str(run.id) for child in children)
 
