@@ -157,6 +157,11 @@ def test_no_champion_only_when_the_registry_says_so_not_when_the_server_is_gone(
     assert champion(client, "recall-x-classifier") is None  # a model, no alias yet
 
     class ServerGone:
+        """Answers the model lookup, then drops the alias lookup."""
+
+        def get_registered_model(self, name):
+            return object()
+
         def get_model_version_by_alias(self, name, alias):
             raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/registered-models/alias "
                                   "failed with exception ConnectionError")
