@@ -58,7 +58,7 @@ def vit_repo(tmp_path_factory) -> Path:
     small = {
         "split": {"n_tasks": 1},
         "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 8, "precision": "fp32"},
-        "generator": {"hidden": 16, "latent": 4, "epochs": 2, "batch_size": 4, "samples_per_class": 8},
+        "generator": {"hidden": 16, "latent": 4, "epochs": 2, "batch_size": 4},
         "method": {"prompt": {"epochs": 1, "batch_size": 8, "per_class_per_epoch": 4}},
         "tracking": {"register_classifier": False},
     }
