@@ -19,6 +19,7 @@ parent run of the whole pipeline run is keyed by it, and tagged ``prefect.flow_r
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +118,26 @@ def _run_inline(stage: str, project_dir: str, pipeline_run: str, take_gpu_slot: 
         publish_task_artifacts(project_dir, key, pipeline_run)
 
 
+# Where GPU work goes: recall-step/gpu (a process or compose worker's pool), or on Kubernetes
+# recall-step/gpu-k8s (infra/k8s/prefect.yaml), chosen by this variable in the environment of
+# the flow run that dispatches (the update or benchmark deployment's job variables).
+GPU_STEP_DEPLOYMENT_ENV = "RECALL_GPU_STEP_DEPLOYMENT"
+
+
+def step_deployment(pool: str) -> str:
+    """The step deployment that serves ``pool``."""
+    if pool == dvc_stages.GPU_POOL and os.environ.get(GPU_STEP_DEPLOYMENT_ENV):
+        return os.environ[GPU_STEP_DEPLOYMENT_ENV]
+    return f"{STEP_FLOW}/{pool}"
+
+
 def route(stage: str, routing: str) -> str | None:
     """The step deployment that runs ``stage`` under ``routing``, or None for this flow run."""
     if routing not in ROUTINGS or routing == "auto":
         raise ValueError(f"routing {routing!r}: expected one of inline, deployments, gpu-deployment")
     pool = dvc_stages.pool_for(stage)
     if routing == "deployments" or (routing == "gpu-deployment" and pool == dvc_stages.GPU_POOL):
-        return f"{STEP_FLOW}/{pool}"
+        return step_deployment(pool)
     return None
 
 
@@ -137,7 +151,7 @@ def _resolve_routing(routing: str) -> str:
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(f"{STEP_FLOW}/{dvc_stages.GPU_POOL}")
+            client.read_deployment_by_name(step_deployment(dvc_stages.GPU_POOL))
         except ObjectNotFound:  # no step deployments on this server (an unreachable one raises)
             return "inline"
     return "deployments"
@@ -177,7 +191,7 @@ def dispatches(units: list[tuple[str, ...]], tasks: frozenset[str], routing: str
     seconds; a flow run of their own would cost more). Consecutive units bound for the same
     deployment share a flow run, but never two tasks: each task's flow run holds the GPU
     for that task only, and shows in the UI as that task's."""
-    gpu = f"{STEP_FLOW}/{dvc_stages.GPU_POOL}"
+    gpu = step_deployment(dvc_stages.GPU_POOL)
     groups: list[tuple[str | None, list[str], bool]] = []
     for unit in units:
         targets = {route(stage, routing) for stage in unit}

@@ -190,6 +190,18 @@ def test_dispatches_send_each_tasks_chain_as_one_flow_run_and_never_two_tasks_in
         (None, ["evaluate@02"]), (None, ["report"])]
 
 
+def test_gpu_work_goes_to_the_kubernetes_step_deployment_when_the_environment_names_it(monkeypatch):
+    from flows.recall_flows import GPU_STEP_DEPLOYMENT_ENV, dispatches, route
+
+    monkeypatch.setenv(GPU_STEP_DEPLOYMENT_ENV, "recall-step/gpu-k8s")
+    assert route("finetune@01", "gpu-deployment") == "recall-step/gpu-k8s"
+    assert route("report", "deployments") == "recall-step/cpu"
+    units = SHAPE.units(list(SHAPE.stages))
+    assert ("recall-step/gpu-k8s", list(TASK_02)) in dispatches(units, SHAPE.tasks(), "gpu-deployment")
+    monkeypatch.delenv(GPU_STEP_DEPLOYMENT_ENV)
+    assert route("finetune@01", "gpu-deployment") == "recall-step/gpu"
+
+
 def test_step_flow_takes_composed_params_and_rewrites_only_what_differs(tmp_path):
     from flows.recall_flows import _read_params, _use_params
 
