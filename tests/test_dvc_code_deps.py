@@ -186,3 +186,15 @@ def test_dvc_lock_records_the_committed_code():
         f"dvc.lock records other code than the files hold: {stale}; re-run `make demo` and commit "
         "dvc.lock, metrics/ and plots/ with the code"
     )
+
+
+@pytest.mark.slow
+def test_dvc_lock_holds_only_stages_dvc_yaml_defines():
+    """A stage renamed or removed leaves its entry in dvc.lock (DVC does not prune it): md5s of
+    code that no stage runs any more, which reads as stale."""
+    from dvc.repo import Repo
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    with Repo(str(REPO)) as repo:
+        defined = {stage.addressing for stage in repo.index.stages}
+    assert not set(lock) - defined, f"dvc.lock has entries of stages dvc.yaml lacks: {sorted(set(lock) - defined)}"
