@@ -21,15 +21,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline import backbone as backbone_lib
 from pipeline import config
-from pipeline import embed as embed_lib
-from pipeline.classifier import Classifier
-from pipeline.evaluate import calibration
-from pipeline.generators import fit_bank
-from pipeline.head import ProbabilisticHead, inference_noise, predictive_summary, text_statistics, train_with_head
-from pipeline.prompts import PromptLearner, TrainingSet, real_training_set, train_prompts
-from pipeline.replay import epoch_seed
+from pipeline.clip import backbone as backbone_lib
+from pipeline.clip import embedding as embed_lib
+from pipeline.method.classifier import Classifier
+from pipeline.method.generators import fit_bank
+from pipeline.method.head import ProbabilisticHead, inference_noise, predictive_summary, text_statistics, train_with_head
+from pipeline.method.metrics import calibration
+from pipeline.method.prompts import PromptLearner, TrainingSet, real_training_set, train_prompts
+from pipeline.method.replay import epoch_seed
 
 
 def overlapping_embeddings(w: torch.Tensor, per_class: int, sigma: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,15 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline import config, steps
+from pipeline import config
+from pipeline.stages._common import replay_index_file, task_file
+from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.finetune import run_finetune
+from pipeline.stages.generators import run_fit_generators
+from pipeline.stages.prompts import run_init_prompts
+from pipeline.stages.replay import run_init_replay, run_replay
+from pipeline.stages.report import run_report
+from pipeline.stages.split import run_split
 
 METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "transfer", "ece_last")
 SCORES = ("max_probability", "energy", "sample_variance")
@@ -42,21 +50,21 @@ def run(seed: int, method: str, out: Path, extra: list[str], label: str = "") ->
     cfg = config.load(None, overrides)
     n = cfg.split.n_tasks
     if not Path(cfg.paths.split).exists():
-        steps.run_split(cfg)
+        run_split(cfg)
     if cfg.method.train_on == "replay":
-        if not steps.replay_index_file(cfg, 0).exists():
-            steps.run_init_replay(cfg)
+        if not replay_index_file(cfg, 0).exists():
+            run_init_replay(cfg)
         for task in range(1, n + 1):
-            if not steps.task_file(cfg.paths.generators, task).exists():
-                steps.run_fit_generators(cfg, task)
-            if not steps.replay_index_file(cfg, task).exists():
-                steps.run_replay(cfg, task)
+            if not task_file(cfg.paths.generators, task).exists():
+                run_fit_generators(cfg, task)
+            if not replay_index_file(cfg, task).exists():
+                run_replay(cfg, task)
     start = time.perf_counter()
-    steps.run_init_prompts(cfg)
+    run_init_prompts(cfg)
     for task in range(1, n + 1):
-        steps.run_finetune(cfg, task)
-        steps.run_evaluate(cfg, task)
-    report = with_figures(steps.run_report(cfg))
+        run_finetune(cfg, task)
+        run_evaluate(cfg, task)
+    report = with_figures(run_report(cfg))
     report["finetune_seconds"] = time.perf_counter() - start
     return report
 

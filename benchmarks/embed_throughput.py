@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from pipeline import config
-from pipeline.backbone import load_backbone
+from pipeline.clip.backbone import load_backbone
+from pipeline.clip.embedding import ImageDataset, autocast_for, collate_images, embed_split, resolve_device
 from pipeline.data import load_prepared
-from pipeline.embed import ImageDataset, autocast_for, collate_images, embed_split, resolve_device
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.head import VisualGuidedAttention
+from pipeline.method.head import VisualGuidedAttention
 
 
 def timed(attention: VisualGuidedAttention, features: torch.Tensor, images: torch.Tensor, class_task: torch.Tensor,
@@ -51,11 +51,11 @@ def timed(attention: VisualGuidedAttention, features: torch.Tensor, images: torc
 
 
 def finetune(epochs: int) -> None:
-    from pipeline.backbone import create_untrained, open_clip
-    from pipeline.classifier import Classifier
+    from pipeline.clip.backbone import create_untrained, open_clip
     from pipeline.config import HeadConfig, PromptConfig
-    from pipeline.head import ProbabilisticHead, inference_noise, text_statistics, train_with_head
-    from pipeline.prompts import PromptLearner
+    from pipeline.method.classifier import Classifier
+    from pipeline.method.head import ProbabilisticHead, inference_noise, text_statistics, train_with_head
+    from pipeline.method.prompts import PromptLearner
 
     torch.manual_seed(0)
     model = create_untrained("recall-tiny").eval().requires_grad_(False)

@@ -1,7 +1,7 @@
 """What orchestration and scale-out cost, measured side by side in one run (figures and
 ratios, no timed asserts).
 
-pipeline: the tiny demo pipeline (pipeline.devstack.TINY_CONFIG, ``--tasks`` tasks) on
+pipeline: the tiny demo pipeline (devtools.scratch.TINY_CONFIG, ``--tasks`` tasks) on
 fresh, identical scratch copies of the project, each with its own git, DVC cache and
 MLflow store:
 
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.devstack import CHECKOUT, TINY_CONFIG, merge_config, project_env, scratch_project
+from devtools.scratch import CHECKOUT, TINY_CONFIG, merge_config, project_env, scratch_project
 
 for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                      "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1"}.items():
@@ -80,7 +80,7 @@ def time_dvc_repro(root: Path) -> tuple[float, int]:
 def time_through_prefect(projects: dict[str, Path], home: Path, worker_poll: float | None) -> dict[str, dict]:
     """One Prefect server for every routing; per routing, its own project copy: the
     deployments are applied from that copy and its workers run there."""
-    from pipeline.devstack import prefect_env, start_prefect_server, stop
+    from devtools.servers import prefect_env, start_prefect_server, stop
 
     server, api_url = start_prefect_server(home)
     # This process is a Prefect client too: its settings live in ``home``, never ~/.prefect.
@@ -154,9 +154,9 @@ def embed_section(args) -> None:
     import torch
 
     from pipeline import config, scaleout
-    from pipeline.backbone import load_backbone
+    from pipeline.clip.backbone import load_backbone
+    from pipeline.clip.embedding import embed_split, resolve_device
     from pipeline.config import ClusterConfig
-    from pipeline.embed import embed_split, resolve_device
     from pipeline.data import load_prepared
 
     project = Path(args.embed_project).resolve()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.generators import _epoch_batches, class_generator, vae_loss
+from pipeline.method.generators import _epoch_batches, class_generator, vae_loss
 
 
 class ReferenceVae(nn.Module):

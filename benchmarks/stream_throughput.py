@@ -24,17 +24,23 @@ from pathlib import Path
 
 import psutil
 
-from pipeline import config, devstack, stream
-from pipeline.backbone import load_backbone
+from devtools.servers import moto_server
+from pipeline import config
+from pipeline.clip.backbone import load_backbone
+from pipeline.stream.demo import write_demo_batches
+from pipeline.stream.images import embed_task
+from pipeline.stream.ledger import load_task_manifest
+from pipeline.stream.s3 import S3_MAX_POOL_CONNECTIONS, s3_client
+from pipeline.stream.sources import open_source
 
 GOALS = {"ingest": 0.5, "embed": 0.7}
 
 
 def _upload(folder: Path, endpoint: str, bucket: str) -> int:
-    client = stream.s3_client(endpoint)
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=bucket)
     files = [p for p in folder.rglob("*") if p.is_file()]
-    with ThreadPoolExecutor(stream.S3_MAX_POOL_CONNECTIONS) as pool:
+    with ThreadPoolExecutor(S3_MAX_POOL_CONNECTIONS) as pool:
         list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"src/{p.relative_to(folder)}", Body=p.read_bytes()), files))
     return len(files)
 
@@ -63,15 +69,15 @@ def _timed(clock: CpuClock, fn):
 
 
 def _intake(source, root: Path, backbone, args, clock: CpuClock) -> dict[str, dict[str, float]]:
-    entries, ingest = _timed(clock, lambda: stream.ingest(source, root / "ledger.yaml", root / "tasks"))
+    entries, ingest = _timed(clock, lambda: ingest(source, root / "ledger.yaml", root / "tasks"))
     tasks = [e["task"] for e in entries if e["status"] == "accepted"]
 
     def embed_all() -> int:
         images = 0
         for task in tasks:
-            manifest = stream.load_task_manifest(root / "tasks", task)
+            manifest = load_task_manifest(root / "tasks", task)
             for split in ("train", "test"):
-                index = stream.embed_task(source, manifest, split, backbone, root / "embeddings" / f"task-{task:02d}" / split,
+                index = embed_task(source, manifest, split, backbone, root / "embeddings" / f"task-{task:02d}" / split,
                                           batch_size=args.batch_size, num_workers=args.workers, progress=False)
                 images += index["n_samples"]
         return images
@@ -99,16 +105,16 @@ def main() -> None:
     backbone = load_backbone(cfg.paths.backbone)
     # Dummy credentials for the loopback server only; nothing reaches a real account.
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    with tempfile.TemporaryDirectory() as tmp, devstack.moto_server(tmp) as endpoint:
+    with tempfile.TemporaryDirectory() as tmp, moto_server(tmp) as endpoint:
         tmp = Path(tmp)
         server = next(p for p in psutil.Process().children(recursive=True) if "moto_server" in " ".join(p.cmdline()))
-        stream.write_demo_batches(cfg, tmp / "folder", n_batches=args.batches, flat=True)
+        write_demo_batches(cfg, tmp / "folder", n_batches=args.batches, flat=True)
         start = time.perf_counter()
         n_files = _upload(tmp / "folder", endpoint, "bench")
         print(f"uploaded {n_files} objects to the loopback S3 server in {time.perf_counter() - start:.1f} s (not timed below)")
         results = {
-            "folder": _intake(stream.open_source(str(tmp / "folder")), tmp / "from-folder", backbone, args, CpuClock()),
-            "s3": _intake(stream.open_source("s3://bench/src", endpoint), tmp / "from-s3", backbone, args, CpuClock(server)),
+            "folder": _intake(open_source(str(tmp / "folder")), tmp / "from-folder", backbone, args, CpuClock()),
+            "s3": _intake(open_source("s3://bench/src", endpoint), tmp / "from-s3", backbone, args, CpuClock(server)),
         }
     f, s = results["folder"], results["s3"]
     cores = len(os.sched_getaffinity(0))

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pipeline.backbone import create_untrained, open_clip
-from pipeline.prompts import PromptLearner
+from pipeline.clip.backbone import create_untrained, open_clip
+from pipeline.method.prompts import PromptLearner
 
 
 def main() -> None:

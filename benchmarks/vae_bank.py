@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.reference_vae import fit_reference_vae
 from pipeline.config import VaeGenerator
-from pipeline.generators import cache_sized_chunk, fit_bank, fit_vae_bank
+from pipeline.method.generators import cache_sized_chunk, fit_bank, fit_vae_bank
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.devstack import prefect_env, start_prefect_server
+from devtools.servers import prefect_env, start_prefect_server
 
 POOLS = ("cpu", "gpu")
 GPU_LIMIT = "gpu"
@@ -56,7 +56,7 @@ def stack_env(home: str | Path, api_url: str, project_dir: str | Path, extra: Ma
     RECALL_DVC_REMOTE at deploy time. Unset, MLflow is the project's own sqlite store,
     spelled out (an empty value would hide a worker's own MLFLOW_TRACKING_URI), and the
     DVC remote is .dvc/config's."""
-    from pipeline.tracking import LOCAL_DB
+    from pipeline.tracking.server import LOCAL_DB
 
     env = {**os.environ, **prefect_env(home, api_url)}
     env["RECALL_PROJECT_DIR"] = str(Path(project_dir).resolve())

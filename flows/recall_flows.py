@@ -31,7 +31,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows import reporting, stages as dvc_stages
+from flows import reporting
+from flows import stages as dvc_stages
 
 STEP_FLOW = "recall-step"
 PARAMS_FILE = "params.yaml"

@@ -39,7 +39,7 @@ def project_config(project_dir: str | Path):
 
 def tracking_uri(project_dir: str | Path) -> str:
     """The MLflow store the stages of this project log to (the same rule they use)."""
-    from pipeline.tracking import tracking_uri as resolve
+    from pipeline.tracking.server import tracking_uri as resolve
 
     with _project_root(project_dir):
         return resolve(project_config(project_dir))
@@ -61,7 +61,7 @@ def _client(uri: str):
 
 def find_parent_run(client, pipeline_run: str):
     """The pipeline's MLflow parent run, found by its key tag in any experiment."""
-    from pipeline.tracking import PIPELINE_KEY_TAG
+    from pipeline.tracking.runs import PIPELINE_KEY_TAG
 
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:

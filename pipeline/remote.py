@@ -125,7 +125,7 @@ def check_reachable(spec: RemoteSpec) -> None:
     error wording: one S3 implementation)."""
     if not spec.is_s3:
         return
-    from pipeline.stream import SourceError, call_s3, s3_client
+    from pipeline.stream.s3 import SourceError, call_s3, s3_client
 
     client = s3_client(spec.endpoint_url)
     try:

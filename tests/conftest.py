@@ -73,15 +73,19 @@ def tiny_world(tmp_path_factory):
     shutil.copytree(REPO / "conf", root / "conf")
     os.environ["RECALL_CONF_DIR"] = str(root / "conf")
     try:
-        from pipeline import config, steps
+        from pipeline import config
+        from pipeline.stages.backbone import run_backbone
+        from pipeline.stages.embed import run_embed, run_embed_text
+        from pipeline.stages.prepare import run_prepare
+        from pipeline.stages.split import run_split
 
         cfg = config.load(None, TINY)
-        steps.run_prepare(cfg)
-        steps.run_backbone(cfg)
-        steps.run_split(cfg)
+        run_prepare(cfg)
+        run_backbone(cfg)
+        run_split(cfg)
         for split in ("train", "test"):
-            steps.run_embed(cfg, split)
-        steps.run_embed_text(cfg)
+            run_embed(cfg, split)
+        run_embed_text(cfg)
     finally:
         os.chdir(cwd)
         os.environ.pop("RECALL_CONF_DIR", None)
@@ -124,18 +128,21 @@ def wait_for_http(url: str, process, what: str, timeout: float = 180) -> None:
 
 def run_task(cfg, task: int) -> dict:
     """One task's steps in the order the DVC stages run them; returns the evaluation."""
-    from pipeline import steps
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.finetune import run_finetune
+    from pipeline.stages.generators import run_fit_generators
+    from pipeline.stages.replay import run_init_replay, run_replay
 
-    steps.run_fit_generators(cfg, task)
+    run_fit_generators(cfg, task)
     if task == 1:
-        steps.run_init_replay(cfg)
-    steps.run_replay(cfg, task)
-    steps.run_finetune(cfg, task)
-    return steps.run_evaluate(cfg, task)
+        run_init_replay(cfg)
+    run_replay(cfg, task)
+    run_finetune(cfg, task)
+    return run_evaluate(cfg, task)
 
 
 def free_port() -> int:
-    from pipeline.devstack import free_port as pick
+    from devtools.servers import free_port as pick
 
     return pick()
 

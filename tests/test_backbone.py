@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import backbone as backbone_lib
 from pipeline import config
-from pipeline.backbone import BackboneError
+from pipeline.clip import backbone as backbone_lib
+from pipeline.clip.backbone import BackboneError
 from pipeline.io import write_tensors
 
 

@@ -33,7 +33,6 @@ from typing import Mapping
 
 import pytest
 import yaml
-
 from conftest import REPO, free_port
 
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
@@ -397,12 +396,14 @@ def test_the_compose_stack_as_processes_runs_an_update_on_a_batch(tmp_path, monk
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    from pipeline.devstack import LocalStack, _postgres_bindir, scratch_project, stop
     from test_pipeline_dvc import _sh
     from test_remote import upload_batch
     from test_update_loop import SETUP, STREAM_TINY
     from test_update_loop import _task_stages as _task
+
+    from devtools.localstack import LocalStack, _postgres_bindir
+    from devtools.scratch import scratch_project
+    from devtools.servers import stop
 
     started = time.monotonic()
     compose = load()

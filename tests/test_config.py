@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 
 from pipeline import config
 from pipeline.config import ConfigError
-
-from conftest import REPO
 
 
 def test_params_yaml_is_the_default_composition(project):
@@ -57,8 +56,8 @@ def test_every_method_trains_on_the_same_schedule(project):
     [("cifar100_vitb16", "cifar100", "cifar-100-python.tar.gz"), ("imagenet_r_vitb16", "imagenet_r", "imagenet-r.tar")],
 )
 def test_paper_profiles_set_a_whole_paper_run_and_fail_clearly_offline(project, profile, dataset, what_to_download):
-    from pipeline import backbone as backbone_lib
-    from pipeline.backbone import BackboneError
+    from pipeline.clip import backbone as backbone_lib
+    from pipeline.clip.backbone import BackboneError
     from pipeline.data import prepare_dataset
     from pipeline.data.prepare import DatasetUnavailable
 

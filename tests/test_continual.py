@@ -6,29 +6,34 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_task
-from pipeline import backbone as backbone_lib
-from pipeline import embed as embed_lib
-from pipeline import steps
-from pipeline.config import ConfigError
+
+from pipeline.clip import backbone as backbone_lib
+from pipeline.clip import embedding as embed_lib
+from pipeline.data.split import load_split, seen_classes, task_classes
 from pipeline.io import read_json, read_tensors, write_tensors
-from pipeline.prompts import PromptLearner, load_prompt_state
-from pipeline.split import load_split, seen_classes, task_classes
-from pipeline.steps import TaskInputError, task_file
+from pipeline.method.prompts import PromptLearner, load_prompt_state
+from pipeline.stages._common import TaskInputError, replay_index_file, task_file
+from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.finetune import run_finetune
+from pipeline.stages.generators import run_fit_generators
+from pipeline.stages.prompts import run_init_prompts
+from pipeline.stages.replay import run_init_replay, run_replay
+from pipeline.stages.report import run_report
+from pipeline.stages.split import run_split
 
 
 def _run_tasks(cfg, upto: int) -> None:
-    steps.run_init_prompts(cfg)
+    run_init_prompts(cfg)
     for task in range(1, upto + 1):
         run_task(cfg, task)
 
 
 def test_a_whole_run_produces_consistent_outputs(world):
     _run_tasks(world, 3)
-    report = steps.run_report(world)
+    report = run_report(world)
     split = load_split(world.paths.split)
-    index = read_json(steps.replay_index_file(world, 3))
+    index = read_json(replay_index_file(world, 3))
     assert [e["task"] for e in index["generators"]] == [1, 2, 3]
     assert sorted(c for e in index["generators"] for c in e["class_ids"]) == sorted(seen_classes(split, 3))
     _, info = load_prompt_state(task_file(world.paths.prompts, 3))
@@ -43,9 +48,8 @@ def test_a_whole_run_produces_consistent_outputs(world):
     # Each task registered one version of the generator bank and one of the prompts.
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import tracking_uri
-
-    from pipeline.registry import model_name
+    from pipeline.tracking.registry import model_name
+    from pipeline.tracking.server import tracking_uri
 
     client = MlflowClient(tracking_uri(world))
     for name in (model_name(world, "vae-bank"), model_name(world, "prompts")):
@@ -59,7 +63,7 @@ def test_a_whole_run_produces_consistent_outputs(world):
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
     finetune = next(r for r in runs if r.info.run_name == "task-03/finetune")
-    index_md5 = hashlib.md5(steps.replay_index_file(world, 3).read_bytes()).hexdigest()
+    index_md5 = hashlib.md5(replay_index_file(world, 3).read_bytes()).hexdigest()
     assert finetune.data.tags["recall.input_md5.generator_index"] == index_md5
     assert finetune.data.tags["recall.input_md5.previous_state"] == hashlib.md5(task_file(world.paths.prompts, 2).read_bytes()).hexdigest()
     evaluate = next(r for r in runs if r.info.run_name == "task-03/evaluate")
@@ -67,28 +71,29 @@ def test_a_whole_run_produces_consistent_outputs(world):
 
 
 def test_replay_draws_fresh_samples_each_epoch_reproducibly(world):
-    from pipeline.replay import ReplaySampler
+    from pipeline.method.replay import ReplaySampler
 
-    steps.run_init_replay(world)
+    run_init_replay(world)
     for task in (1, 2):
-        steps.run_fit_generators(world, task)
-        steps.run_replay(world, task)
+        run_fit_generators(world, task)
+        run_replay(world, task)
     split = load_split(world.paths.split)
     seen = seen_classes(split, 2)
-    sampler = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
+    sampler = ReplaySampler.from_index(replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
     x0, y0 = sampler.draw(0)
     # Class-balanced over every seen class, old ones resampled from their own task's file.
     assert sorted(y0.tolist()) == sorted(c for c in seen for _ in range(5))
-    again = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
+    again = ReplaySampler.from_index(replay_index_file(world, 2), seen, per_class=5, seed=7, task=2)
     assert torch.equal(again.draw(0)[0], x0)
     x1, _ = sampler.draw(1)
     assert not torch.allclose(x1.sort(dim=0).values, x0.sort(dim=0).values)
-    other_task = ReplaySampler.from_index(steps.replay_index_file(world, 2), seen, per_class=5, seed=7, task=3)
+    other_task = ReplaySampler.from_index(replay_index_file(world, 2), seen, per_class=5, seed=7, task=3)
     assert not torch.allclose(other_task.draw(0)[0].sort(dim=0).values, x0.sort(dim=0).values)
 
 
 def _with_method(name: str, *extra: str):
     from conftest import TINY
+
     from pipeline import config
 
     base = [o for o in TINY if name != "zeroshot" or not o.startswith("method.prompt.")]
@@ -126,7 +131,7 @@ def test_prompt_cut_is_exact(world):
 def test_prompts_grow_class_by_class_as_if_known_from_the_start(world):
     """The class universe grows task by task: a learner that meets classes in two steps
     holds the same context and gives the same features as one that had them all at once."""
-    from pipeline.prompts import PromptError
+    from pipeline.method.prompts import PromptError
 
     backbone = backbone_lib.load_backbone(world.paths.backbone)
     text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
@@ -154,7 +159,7 @@ def test_prompts_of_the_zero_context_match_plain_text_encoding(world):
     text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
     learner = PromptLearner(backbone.model, backbone.tokenizer, ["red circle"], text["class_features"][:1], n_ctx=1)
     placeholder = backbone.model.token_embedding(learner.tokens[:, 1])
-    from pipeline.prompts import encode_token_embeddings
+    from pipeline.method.prompts import encode_token_embeddings
 
     embeddings = backbone.model.token_embedding(learner.tokens)
     with torch.no_grad():
@@ -190,10 +195,10 @@ def test_a_class_with_one_training_embedding_is_named_with_its_task(world):
         return {k: v[keep] for k, v in t.items()}
 
     _rewrite_train_embeddings(world, keep_one)
-    steps.run_fit_generators(world, 1)
+    run_fit_generators(world, 1)
     before = task_file(world.paths.generators, 1).read_bytes()
     with pytest.raises(TaskInputError, match=rf"task 2: class {victim} .* has 1 training embedding"):
-        steps.run_fit_generators(world, 2)
+        run_fit_generators(world, 2)
     assert not task_file(world.paths.generators, 2).exists()
     assert task_file(world.paths.generators, 1).read_bytes() == before
 
@@ -210,55 +215,55 @@ def test_nan_in_an_embedding_file_is_named(world):
 
     _rewrite_train_embeddings(world, poison)
     with pytest.raises(TaskInputError, match=rf"NaN or inf in the train embeddings of class\(es\) \[{victim}\]"):
-        steps.run_fit_generators(world, 1)
+        run_fit_generators(world, 1)
 
 
 def test_the_generator_index_grows_by_the_new_task_only_and_stores_no_samples(world):
-    steps.run_init_replay(world)
+    run_init_replay(world)
     for task in (1, 2):
-        steps.run_fit_generators(world, task)
-        steps.run_replay(world, task)
-    first = read_json(steps.replay_index_file(world, 1))
-    second = read_json(steps.replay_index_file(world, 2))
+        run_fit_generators(world, task)
+        run_replay(world, task)
+    first = read_json(replay_index_file(world, 1))
+    second = read_json(replay_index_file(world, 2))
     # Task 2's index is task 1's entries, untouched, plus task 2's generator file.
     assert second["generators"][:1] == first["generators"]
     assert second["generators"][1]["path"] == task_file(world.paths.generators, 2).as_posix()
     assert sorted(second["generators"][1]["class_ids"]) == sorted(task_classes(load_split(world.paths.split), 2))
     # Storage per task is a few hundred bytes, whatever the number of classes seen.
-    assert steps.replay_index_file(world, 2).stat().st_size < 2000
+    assert replay_index_file(world, 2).stat().st_size < 2000
 
 
 def test_a_generator_changed_after_indexing_is_named(world):
-    steps.run_init_prompts(world)
-    steps.run_init_replay(world)
-    steps.run_fit_generators(world, 1)
-    steps.run_replay(world, 1)
+    run_init_prompts(world)
+    run_init_replay(world)
+    run_fit_generators(world, 1)
+    run_replay(world, 1)
     bank = task_file(world.paths.generators, 1)
     data = read_tensors(bank)
     from pipeline.io import read_tensor_metadata
 
     write_tensors(bank, {k: v + 1 for k, v in data.items()}, metadata=read_tensor_metadata(bank))
     with pytest.raises(TaskInputError, match=r"task 1: .*task-01\.json: task 1's generators .*task-01\.safetensors changed"):
-        steps.run_finetune(world, 1)
+        run_finetune(world, 1)
     assert not task_file(world.paths.prompts, 1).exists()
     bank.unlink()
     with pytest.raises(TaskInputError, match=r"task-01\.safetensors are missing"):
-        steps.run_finetune(world, 1)
+        run_finetune(world, 1)
 
 
 def test_a_task_outside_the_split_is_named(world):
-    with pytest.raises(steps.TaskInputError, match=r"task 4 is not in split.tasks \(tasks 1\.\.3\)"):
-        steps.run_fit_generators(world, 4)
+    with pytest.raises(TaskInputError, match=r"task 4 is not in split.tasks \(tasks 1\.\.3\)"):
+        run_fit_generators(world, 4)
 
 
 def test_finetune_needs_the_previous_task(world):
-    steps.run_init_prompts(world)
-    steps.run_init_replay(world)
+    run_init_prompts(world)
+    run_init_replay(world)
     for task in (1, 2):
-        steps.run_fit_generators(world, task)
-        steps.run_replay(world, task)
+        run_fit_generators(world, task)
+        run_replay(world, task)
     with pytest.raises(Exception, match=r"task-01\.safetensors"):
-        steps.run_finetune(world, 2)
+        run_finetune(world, 2)
 
 
 def _clap(world):
@@ -268,7 +273,7 @@ def _clap(world):
 def test_clap_run_reports_calibration_and_novel_class_detection(world):
     cfg = _clap(world)
     _run_tasks(cfg, 3)
-    report = steps.run_report(cfg)
+    report = run_report(cfg)
     first = read_json(task_file(cfg.paths.evaluations, 1, ".json"))
     assert first["mc_samples"] == 4
     assert set(first["novelty"]) == {"max_probability", "energy", "sample_variance"}
@@ -282,7 +287,7 @@ def test_clap_run_reports_calibration_and_novel_class_detection(world):
     _, info = load_prompt_state(task_file(cfg.paths.prompts, 3))
     assert info["head_tasks"] == "3"
     # Evaluating again gives the same Monte-Carlo figures.
-    steps.run_evaluate(cfg, 1)
+    run_evaluate(cfg, 1)
     assert read_json(task_file(cfg.paths.evaluations, 1, ".json"))["calibration"] == first["calibration"]
 
 
@@ -290,18 +295,18 @@ def test_clap_finetune_reads_only_the_generators_and_the_previous_state(world):
     import shutil
 
     cfg = _clap(world)
-    steps.run_init_replay(cfg)
+    run_init_replay(cfg)
     for task in (1, 2):
-        steps.run_fit_generators(cfg, task)
-        steps.run_replay(cfg, task)
+        run_fit_generators(cfg, task)
+        run_replay(cfg, task)
     # What a GPU worker would receive: the generators the index names, frozen backbone and
     # text features; never the real train embeddings.
     shutil.rmtree(Path(cfg.paths.embeddings) / "train")
-    steps.run_init_prompts(cfg)
-    steps.run_finetune(cfg, 1)
-    steps.run_finetune(cfg, 2)
+    run_init_prompts(cfg)
+    run_finetune(cfg, 1)
+    run_finetune(cfg, 2)
     first = read_tensors(task_file(cfg.paths.prompts, 2))
-    steps.run_finetune(cfg, 2)
+    run_finetune(cfg, 2)
     again = read_tensors(task_file(cfg.paths.prompts, 2))
     assert first.keys() == again.keys() and any(k.startswith("head.encoders.1.") for k in first)
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -311,15 +316,16 @@ def test_a_prompt_state_without_a_head_is_named(world):
     _run_tasks(_with_method("cgil"), 1)  # no head in the saved state
     cfg = _clap(world)
     with pytest.raises(TaskInputError, match=r"task-01\.safetensors.*no probabilistic head.*'cgil'"):
-        steps.run_evaluate(cfg, 1)
+        run_evaluate(cfg, 1)
 
 
 def test_a_benchmark_with_one_class_per_task_runs(world):
     from conftest import TINY
+
     from pipeline import config
 
     cfg = config.load(None, TINY + ["split.n_tasks=9", "method.head.mc_train=2", "method.head.mc_test=2"])
-    steps.run_split(cfg)
+    run_split(cfg)
     _run_tasks(cfg, 2)
     split = load_split(cfg.paths.split)
     _, info = load_prompt_state(task_file(cfg.paths.prompts, 2))

@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from pipeline import config
-from pipeline.data import DataError, DatasetUnavailable, load_prepared, prepare_dataset
-
-from conftest import TINY
+from pipeline.data import DataError, DatasetUnavailable, prepare_dataset
 
 
 def _tree_digest(folder: Path) -> str:

@@ -1,8 +1,8 @@
 """What DVC knows about the code matches the code.
 
 - Every stage lists, as deps, the modules whose code computes its outputs: derived here from
-  the `recall` command the stage runs (pipeline/cli.py -> the steps function it calls -> the
-  pipeline modules that function and they import). A stage missing one would not re-run
+  the `recall` command the stage runs (pipeline/cli/stage_commands.py -> the stage module it
+  imports -> the pipeline modules that module imports). A stage missing one would not re-run
   after a change to it, and `dvc status` would call stale results up to date.
 - The committed dvc.lock records the committed code: the metrics, plots and README figures
   come from the code a user runs (`dvc status` finds no code dependency modified).
@@ -24,13 +24,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # Modules that move data around without deciding any number a stage writes: reading the
-# config, atomic writes, the error classes, MLflow logging and registry names/lookups, the
-# Dask client (results identical to one process: tests/test_scaleout.py) and reading a task's
-# inputs. A change to them re-runs nothing, by design.
+# config, atomic writes, the error classes, MLflow runs, lineage and registry names/lookups,
+# the Dask client (results identical to one process: tests/test_scaleout.py), reading a
+# task's inputs and the CLI around the stages. A change to them re-runs nothing, by design.
 PLUMBING = {
-    "pipeline/config.py", "pipeline/io.py", "pipeline/errors.py", "pipeline/tracking.py", "pipeline/registry.py",
-    "pipeline/compat.py", "pipeline/scaleout.py", "pipeline/tasks.py", "pipeline/cli.py",
+    "pipeline/config", "pipeline/io.py", "pipeline/errors.py", "pipeline/compat.py", "pipeline/scaleout.py",
+    "pipeline/tracking/server.py", "pipeline/tracking/runs.py", "pipeline/tracking/lineage.py",
+    "pipeline/tracking/registry.py", "pipeline/stages/task_inputs.py", "pipeline/cli",
 }
+STAGE_COMMANDS = "pipeline/cli/stage_commands.py"
 
 
 def _module_file(module: str) -> str | None:
@@ -61,17 +63,23 @@ def _imports_in(nodes: list[ast.AST], package: str) -> set[str]:
     return {f for f in found if f}
 
 
+def _plumbing(module: str) -> bool:
+    return any(module == p or module.startswith(p + "/") for p in PLUMBING)
+
+
 @cache
 def _module_closure(path: str) -> frozenset[str]:
     """``path`` and every pipeline module it imports, transitively, at module level or inside
     a function (a lazy import serves some caller, perhaps this stage): a safe superset of the
-    code that runs when the step calls into it."""
+    code that runs when the stage calls into it. Plumbing is not followed."""
     seen, todo = set(), [path]
     while todo:
         current = todo.pop()
         if current in seen:
             continue
         seen.add(current)
+        if _plumbing(current):
+            continue
         files = sorted((REPO / current).rglob("*.py")) if (REPO / current).is_dir() else [REPO / current]
         for file in files:
             module = file.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
@@ -80,44 +88,14 @@ def _module_closure(path: str) -> frozenset[str]:
     return frozenset(seen)
 
 
-def _steps_module() -> tuple[dict[str, ast.FunctionDef], dict[str, str]]:
-    tree = ast.parse((REPO / "pipeline/steps.py").read_text())
-    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    aliases = {}  # module-level name -> the module file it comes from
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            for alias in node.names:
-                aliases[alias.asname or alias.name] = _module_file(f"{node.module}.{alias.name}") or _module_file(node.module)
-    return functions, {k: v for k, v in aliases.items() if v}
-
-
-def _step_code(function: str) -> set[str]:
-    """The modules a steps function's code runs: its own imports, the module-level names it
-    uses, and the same for the steps.py helpers it calls; then their import closures."""
-    functions, aliases = _steps_module()
-    modules, seen, todo = {"pipeline/steps.py"}, set(), [function]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = functions[name]
-        modules |= _imports_in([node], "pipeline")
-        for child in ast.walk(node):
-            if isinstance(child, ast.Name):
-                if child.id in aliases:
-                    modules.add(aliases[child.id])
-                if child.id in functions:
-                    todo.append(child.id)
-    closure = set()
-    for module in modules:
-        closure |= _module_closure(module) if module != "pipeline/steps.py" else {module}
-    return closure - PLUMBING
+def _stage_code(stage_module: str) -> set[str]:
+    """The modules a stage module's code runs: its import closure, plumbing left out."""
+    return {m for m in _module_closure(stage_module) if not _plumbing(m)}
 
 
 def _cli_commands() -> dict[str, set[str]]:
-    """`recall` command name -> the steps functions it calls."""
-    tree = ast.parse((REPO / "pipeline/cli.py").read_text())
+    """`recall` command name -> the stage modules (pipeline/stages/*.py) it imports."""
+    tree = ast.parse((REPO / STAGE_COMMANDS).read_text())
     commands = {}
     for node in tree.body:
         if not isinstance(node, ast.FunctionDef):
@@ -125,9 +103,7 @@ def _cli_commands() -> dict[str, set[str]]:
         for decorator in node.decorator_list:
             if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", None) == "command":
                 name = decorator.args[0].value if decorator.args else node.name.replace("_", "-")
-                calls = {c.attr for c in ast.walk(node) if isinstance(c, ast.Attribute)
-                         and isinstance(c.value, ast.Name) and c.value.id == "steps"}
-                commands[name] = calls
+                commands[name] = {m for m in _imports_in([node], "pipeline.cli") if m.startswith("pipeline/stages/")}
     return commands
 
 
@@ -145,9 +121,9 @@ def test_each_stage_lists_the_code_that_computes_its_outputs():
     missing = {}
     for name, stage in _stages().items():
         command = stage["cmd"].split()[1]
-        assert command in commands, f"stage {name}: `recall {command}` is not a command of pipeline/cli.py"
-        code = set().union(*(_step_code(f) for f in commands[command]))
-        assert code, f"stage {name}: `recall {command}` calls no steps function"
+        assert command in commands, f"stage {name}: `recall {command}` is not a command of {STAGE_COMMANDS}"
+        code = set().union(*(_stage_code(m) for m in commands[command]))
+        assert code, f"stage {name}: `recall {command}` runs no stage module"
         deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
         lacking = sorted(m for m in code if not _covered(m, deps))
         if lacking:
@@ -157,12 +133,15 @@ def test_each_stage_lists_the_code_that_computes_its_outputs():
 
 def test_the_derivation_sees_what_a_stage_imports():
     """The rule above can fail: finetune's code reaches the generators through the replay
-    sampler, and the report's through evaluate."""
-    finetune = _step_code("run_finetune")
-    assert {"pipeline/steps.py", "pipeline/prompts.py", "pipeline/head.py", "pipeline/replay.py",
-            "pipeline/generators.py"} <= finetune
-    assert "pipeline/evaluate.py" in _step_code("run_report")
-    assert not PLUMBING & finetune
+    sampler, the report's reaches the metrics, evaluate's the gate; plumbing stays out."""
+    commands = _cli_commands()
+    assert commands["finetune"] == {"pipeline/stages/finetune.py"}
+    finetune = _stage_code("pipeline/stages/finetune.py")
+    assert {"pipeline/stages/finetune.py", "pipeline/method/prompts.py", "pipeline/method/head.py",
+            "pipeline/method/replay.py", "pipeline/method/generators.py"} <= finetune
+    assert "pipeline/method/metrics.py" in _stage_code("pipeline/stages/report.py")
+    assert "pipeline/tracking/gate.py" in _stage_code("pipeline/stages/evaluate.py")
+    assert not any(_plumbing(m) for m in finetune)
 
 
 @pytest.mark.slow

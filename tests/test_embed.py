@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import backbone as backbone_lib
-from pipeline import embed as embed_lib
-from pipeline import steps
+from pipeline.clip import backbone as backbone_lib
+from pipeline.clip import embedding as embed_lib
+from pipeline.clip.embedding import BadImage, EmbeddingMismatch
 from pipeline.data import load_prepared
-from pipeline.embed import BadImage, EmbeddingMismatch
 from pipeline.io import read_json
+from pipeline.stages.embed import run_embed, run_embed_text
 
 
 def _embed(cfg, split="train", **kwargs):
@@ -127,12 +127,12 @@ def test_skip_mode_counts_bad_images(world):
 def test_skip_count_reaches_the_run_metrics(world):
     _corrupt(world, 0)
     cfg = world.model_copy(update={"embed": world.embed.model_copy(update={"on_bad_image": "skip"})})
-    steps.run_embed(cfg, "train")
+    run_embed(cfg, "train")
     metrics = read_json(Path(cfg.paths.metrics) / "embed-train.json")
     assert metrics["n_skipped"] == 1
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.server import tracking_uri
 
     client = MlflowClient(tracking_uri(cfg))
     runs = client.search_runs(
@@ -144,7 +144,7 @@ def test_skip_count_reaches_the_run_metrics(world):
 def test_text_features_are_normalised_template_means(world):
     backbone = backbone_lib.load_backbone(world.paths.backbone)
     prepared = load_prepared(world.paths.prepared)
-    steps.run_embed_text(world)
+    run_embed_text(world)
     text = embed_lib.load_text_features(Path(world.paths.embeddings) / "text.safetensors", backbone.sha256)
     per_template, classes = text["template_features"], text["class_features"]
     assert per_template.shape == (9, len(prepared.templates), 128)

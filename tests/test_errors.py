@@ -13,7 +13,7 @@ from pipeline.errors import BAD_INPUT_EXIT_CODE, UNAVAILABLE_EXIT_CODE, Unavaila
 
 REPO = Path(__file__).resolve().parents[1]
 # Raised and caught inside one module (private, or named here), never reaching the CLI.
-INTERNAL = {"pipeline.stream.EntryTaken", "pipeline.devstack.StackError"}
+INTERNAL = {"pipeline.stream.ledger.EntryTaken", "pipeline.stream.s3.MissingKey", "devtools.servers.StackError"}
 
 
 def _exception_classes():
@@ -41,13 +41,14 @@ def test_every_error_class_is_a_user_error_or_unavailable():
 
 
 @pytest.mark.parametrize("error, code", [
-    ("pipeline.head.HeadError", BAD_INPUT_EXIT_CODE),
-    ("pipeline.steps.TaskInputError", BAD_INPUT_EXIT_CODE),
-    ("pipeline.tracking.TrackingServerError", UNAVAILABLE_EXIT_CODE),
-    ("pipeline.stream.SourceUnreachable", UNAVAILABLE_EXIT_CODE),
+    ("pipeline.method.head.HeadError", BAD_INPUT_EXIT_CODE),
+    ("pipeline.stages._common.TaskInputError", BAD_INPUT_EXIT_CODE),
+    ("pipeline.tracking.runs.TrackingServerError", UNAVAILABLE_EXIT_CODE),
+    ("pipeline.stream.s3.SourceUnreachable", UNAVAILABLE_EXIT_CODE),
 ])
 def test_the_cli_exits_with_the_errors_code(monkeypatch, error, code):
-    from pipeline import cli, steps
+    from pipeline import cli
+    from pipeline.stages import report as report_stage
 
     module, name = error.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
@@ -55,7 +56,7 @@ def test_the_cli_exits_with_the_errors_code(monkeypatch, error, code):
     def fail(*args, **kwargs):
         raise cls("task 3: what went wrong, named")
 
-    monkeypatch.setattr(steps, "summary", fail)
+    monkeypatch.setattr(report_stage, "summary", fail)
     result = CliRunner().invoke(cli.app, ["summary"])
     assert result.exit_code == code
     assert "what went wrong, named" in result.output

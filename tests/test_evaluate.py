@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.evaluate import evaluate_task, summarise
+from pipeline.method.metrics import evaluate_task, summarise
 
 
 def _evaluations(matrix, transfers):
@@ -48,7 +48,7 @@ def test_single_task_has_no_forgetting():
 
 
 def _evaluate(task, tasks, embeddings, labels, features, learned):
-    from pipeline.classifier import Classifier
+    from pipeline.method.classifier import Classifier
 
     seen = [c for t in tasks[:task] for c in t]
     class_features = features.clone()
@@ -86,7 +86,7 @@ def test_evaluate_task_restricts_to_seen_classes_and_transfers_to_the_rest():
 
 
 def test_expected_calibration_error_on_known_cases():
-    from pipeline.evaluate import calibration
+    from pipeline.method.metrics import calibration
 
     # Four predictions at confidence 0.8, three right: one bin, |0.8 - 0.75|.
     probs = torch.tensor([[0.8, 0.2]] * 4)
@@ -103,7 +103,7 @@ def test_expected_calibration_error_on_known_cases():
 
 
 def test_novel_class_detection_on_known_cases():
-    from pipeline.evaluate import novelty_detection
+    from pipeline.method.metrics import novelty_detection
 
     separated = novelty_detection(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.6, 0.5]))
     assert separated == {"auroc": pytest.approx(1.0), "aupr": pytest.approx(1.0), "fpr_at_95_tpr": pytest.approx(0.0)}
@@ -121,8 +121,8 @@ def test_novel_class_detection_on_known_cases():
 def test_the_arrival_check_matches_the_champions_classes_by_name_not_id():
     from pathlib import Path
 
-    from pipeline.novelty import known_and_new
-    from pipeline.tasks import TaskInputs
+    from pipeline.stages.novelty import known_and_new
+    from pipeline.stages.task_inputs import TaskInputs
 
     def task(t, ids, names):
         return TaskInputs(t, ids, names, Path("train"), Path("test"), Path("text"))

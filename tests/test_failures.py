@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY, free_port, venv_bin
 
 
@@ -44,7 +42,7 @@ def test_report_against_a_down_tracking_server_fails_in_seconds_naming_it(projec
 
 def test_tracking_server_check_is_bounded_by_config_and_hides_credentials():
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import TrackingServerError, check_tracking_server
+    from pipeline.tracking.server import TrackingServerError, check_tracking_server
 
     tracking = TrackingConfig(connect_timeout_s=1, retries=2, retry_backoff_s=0)
     uri = f"http://someone:s3cret@127.0.0.1:{free_port()}"
@@ -65,7 +63,7 @@ def test_a_server_lost_mid_step_is_a_tracking_server_error_naming_it():
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import lost_server_error
+    from pipeline.tracking.server import lost_server_error
 
     tracking = TrackingConfig(connect_timeout_s=1, retries=1, retry_backoff_s=0)
     uri = f"http://someone:s3cret@127.0.0.1:{free_port()}"  # nothing listens there
@@ -89,7 +87,7 @@ def test_a_server_lost_mid_step_is_a_tracking_server_error_naming_it():
 
 def test_mlflow_request_retries_follow_config_unless_the_environment_sets_them(monkeypatch):
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import bound_mlflow_retries
+    from pipeline.tracking.server import bound_mlflow_retries
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "5")
@@ -106,14 +104,15 @@ def test_truncated_prompt_state_names_the_file_and_the_stage_that_rebuilds_it(wo
     metadata`, naming no file."""
     from dvc.repo import Repo
 
-    from pipeline import config, steps
+    from pipeline import config
+    from pipeline.stages.prompts import run_init_prompts
 
     root = Path.cwd()
     # A DVC project as `make demo` has it: dvc.yaml and params.yaml decide the stage names.
     Repo.init(str(root), no_scm=True).close()
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     config.write_params(root / "params.yaml", config.compose(TINY))
-    steps.run_init_prompts(world)
+    run_init_prompts(world)
     whole = (root / "models/prompts/task-00.safetensors").read_bytes()
     target = root / "models/prompts/task-01.safetensors"
     target.write_bytes(whole[: len(whole) // 2])  # as a copy cut off half way leaves it
@@ -146,13 +145,15 @@ def test_corrupt_json_artifact_names_the_stage_from_dvc_lock(tmp_path, monkeypat
 
 
 def test_an_unexpected_exception_is_one_line_unless_verbose(monkeypatch, capsys):
-    from pipeline import cli, steps
+    from pipeline import cli
+    from pipeline.cli import core, stage_commands
+    from pipeline.stages import report as report_stage
 
     def broken(cfg):
         raise RuntimeError("something nobody foresaw at http://user:pw@example.invalid/x\nsecond line")
 
-    monkeypatch.setattr(steps, "summary", broken)
-    monkeypatch.setattr(cli, "_config", lambda params, overrides: None)
+    monkeypatch.setattr(report_stage, "summary", broken)
+    monkeypatch.setattr(stage_commands, "load_config", lambda params, overrides: None)
     with pytest.raises(SystemExit) as exited:
         cli.app(["summary"], prog_name="recall")
     assert exited.value.code == 1
@@ -163,4 +164,4 @@ def test_an_unexpected_exception_is_one_line_unless_verbose(monkeypatch, capsys)
 
     with pytest.raises(RuntimeError, match="nobody foresaw"):
         cli.app(["-v", "summary"], prog_name="recall")
-    cli._verbose = False
+    core._verbose = False

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, free_port, venv_bin
 from test_pipeline_dvc import _env, _ran, _sh, make_project
 from test_update_loop import SETUP, STREAM_TINY, _classifier_versions, _task_stages

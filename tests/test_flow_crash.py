@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from test_flows import DVC, _tiny_project
 
 from flows import stages as dvc_stages
 from flows.local import CRASH_AUTOMATION, GPU_LIMIT, HEARTBEAT_SECONDS, POOLS, crash_automation
-from test_flows import DVC, _tiny_project
 
 # The shortest crash window that is safe with a heartbeat every 30 s: one beat late by up
 # to 30 s on a loaded machine is still no crash.
@@ -120,8 +120,8 @@ def test_killed_worker_crashes_its_flow_run_and_a_new_run_resumes_at_the_killed_
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from devtools.servers import prefect_server, stop
     from flows.local import configure, stack_env, start_worker
-    from pipeline.devstack import prefect_server, stop
 
     started = time.monotonic()
     repo = _tiny_project(tmp_path / "repo")

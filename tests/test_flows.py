@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, venv_bin
+
 from flows import bucket_events, reporting
 from flows import stages as dvc_stages
 from flows.stages import Pipeline, StageBadInput, StageSetupError, StageTransientError
@@ -480,9 +480,9 @@ class TestFlowRuns:
         already in the ledger; so the failure itself shows there was none.)"""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from test_stream import write_batch_with_a_one_image_class
 
         from flows import recall_flows
-        from test_stream import write_batch_with_a_one_image_class
 
         write_batch_with_a_one_image_class(project / "incoming")
         started = time.monotonic()
@@ -602,7 +602,7 @@ def test_workers_of_both_stacks_poll_every_few_seconds_unless_told_otherwise(tmp
 def _tiny_project(root: Path) -> Path:
     """The project (code, conf, dvc.yaml, prefect.yaml) shrunk to the tiny world, under git
     + DVC; params.yaml is the flow run's to compose."""
-    from pipeline.devstack import TINY_CONFIG, merge_config, scratch_project
+    from devtools.scratch import TINY_CONFIG, merge_config, scratch_project
 
     config = json.loads(json.dumps(TINY_CONFIG))
     # One task: every kind of stage runs once (the per-task chain is test_pipeline_dvc's).
@@ -620,7 +620,7 @@ def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, time
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipeline.devstack import free_port, stop
+    from devtools.servers import free_port, stop
 
     port = free_port()
     with open(log_dir / "bucket_events.log", "wb") as log_file:
@@ -656,12 +656,19 @@ def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, time
 def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from devtools.servers import prefect_server, stop
     from flows.local import POOLS, configure, stack_env, start_worker
-    from pipeline.devstack import prefect_server, stop
 
     started = time.monotonic()
     repo = _tiny_project(tmp_path / "repo")

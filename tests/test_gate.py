@@ -13,9 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import gate, registry
 from pipeline.config import GateConfig
-from pipeline.evaluate import evaluate_task
+from pipeline.method.metrics import evaluate_task
+from pipeline.tracking import gate
+from pipeline.tracking.registry import champion
 
 NAMES = {0: "red circle", 1: "blue star", 2: "green square", 3: "yellow triangle"}
 TASKS = [[0, 1], [2, 3]]
@@ -210,7 +211,7 @@ def test_the_new_task_must_reach_its_zero_shot_accuracy(client):
     decision = _gate(client, _evidence(1, wrong_among_old=2, zero_shot={"wrong_among_old": 0}))
     assert not decision["promoted"] and decision["reasons"] == [
         "task 1 (the new task): accuracy 80.0% is below its floor 90.0% (zero-shot 100.0% on it, less 10.0 points)"]
-    assert registry.champion(client, MODEL) is None
+    assert champion(client, MODEL) is None
 
 
 # --------------------------------------------------------------------------- nothing unchecked

@@ -6,7 +6,7 @@ from torch import nn
 
 from benchmarks.reference_vae import fit_reference_vae
 from pipeline.config import GaussGenerator, MogGenerator, VaeGenerator
-from pipeline.generators import GeneratorError, fit_bank, fit_vae_bank, load_bank, save_bank
+from pipeline.method.generators import GeneratorError, fit_bank, fit_vae_bank, load_bank, save_bank
 
 SETTINGS = VaeGenerator(name="vae", hidden=16, latent=4, epochs=6, batch_size=8, lr=2e-3)
 

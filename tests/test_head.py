@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.classifier import Classifier, head_state, load_head
-from pipeline.head import (
+from pipeline.method.classifier import Classifier, head_state, load_head
+from pipeline.method.head import (
     HeadOutput,
     ProbabilisticHead,
     inference_noise,
@@ -263,8 +263,8 @@ class _TinyLearner(torch.nn.Module):
 
 def _train_two_tasks(head_lr: float, monkeypatch=None):
     from pipeline.config import HeadConfig, PromptConfig
-    from pipeline.head import train_with_head
-    from pipeline.prompts import TrainingSet
+    from pipeline.method.head import train_with_head
+    from pipeline.method.prompts import TrainingSet
 
     torch.manual_seed(0)
     dim, seen = 8, [0, 1, 2, 3]
@@ -301,7 +301,7 @@ def test_the_head_trains_at_its_own_learning_rate():
 
 
 def test_balanced_finetuning_runs_the_attention_frozen_in_eval_mode_and_unfreezes_every_encoder(monkeypatch):
-    from pipeline.head import VisualGuidedAttention
+    from pipeline.method.head import VisualGuidedAttention
 
     modes = []
     forward = VisualGuidedAttention.forward

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 INFRA = REPO / "infra"
@@ -126,7 +125,7 @@ def test_servers_use_postgresql_s3_artifacts_and_their_auth(services):
 
 
 def test_ports_are_on_loopback_and_agree_with_conf_and_the_local_stack(services):
-    from pipeline.devstack import STACK_PORTS
+    from devtools.localstack import STACK_PORTS
 
     server_uri = yaml.safe_load((REPO / "conf" / "tracking" / "server.yaml").read_text())["uri"]
     for service, port, local_name in (("mlflow", 5000, "mlflow"), ("prefect-server", 4200, "prefect"), ("s3", 9000, "s3")):
@@ -225,10 +224,10 @@ def test_prefect_yaml_variables_and_pools_agree_with_compose(services):
 
 
 def test_buckets_agree_between_s3_init_the_policy_the_services_and_the_local_stack(services):
-    from pipeline.devstack import ARTIFACTS_DESTINATION, STACK_BUCKETS
+    from devtools.localstack import ARTIFACTS_DESTINATION, STACK_BUCKETS
 
     # s3-init creates the local stack's buckets with the same function (ensure_buckets).
-    assert _command(services["s3-init"]) == ["python", "-m", "pipeline.devstack", "s3-buckets"]
+    assert _command(services["s3-init"]) == ["python", "-m", "devtools.localstack", "s3-buckets"]
     created = set(STACK_BUCKETS)
     policy = json.loads((INFRA / "iam" / "recall-least-privilege-policy.json").read_text())
     policy_buckets = {r.split(":::")[1].split("/")[0] for s in policy["Statement"] for r in s["Resource"]}

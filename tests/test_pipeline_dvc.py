@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import venv_bin
-from pipeline import devstack
-from pipeline.devstack import TINY_CONFIG
+
+from devtools.scratch import TINY_CONFIG, project_env, scratch_project
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +25,7 @@ ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embe
 
 
 # The commands of a scratch project: its own code, the venv's programs.
-_env = devstack.project_env
+_env = project_env
 
 
 def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,7 +38,7 @@ def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProces
 def make_project(root: Path, config_update: dict, *compose_overrides: str) -> Path:
     """A copy of the project (code, conf, dvc.yaml) with ``config_update`` merged into
     conf/config.yaml, its params composed with ``compose_overrides``, under git + DVC."""
-    return devstack.scratch_project(root, config_update, compose=list(compose_overrides))
+    return scratch_project(root, config_update, compose=list(compose_overrides))
 
 
 @pytest.fixture
@@ -136,7 +135,7 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     assert any(server_artifacts.rglob("accuracy_matrix.png"))  # in the server's artifact store
     # Registered versions: every task's classifier carries its task alias; the champion is one of them.
     from pipeline import config
-    from pipeline.registry import model_name
+    from pipeline.tracking.registry import model_name
 
     monkeypatch.chdir(repo)
     name = model_name(config.load(repo / "params.yaml"), "classifier")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.prompts import ContextGenerator
+from pipeline.method.prompts import ContextGenerator
 
 
 def test_context_generator_is_a_per_class_map_as_the_reference_runs_it():

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import devstack
+from devtools.scratch import project_env, scratch_project
 
 # Minutes on 2 cores (a 598 MB checkpoint through every stage): make test-full only.
 pytestmark = [pytest.mark.slow, pytest.mark.real_size]
@@ -26,7 +26,7 @@ PER_CLASS = 3  # test_fraction 0.2: 2 train and 1 test image per class
 def _sh(root: Path, *cmd: str) -> str:
     import subprocess
 
-    result = subprocess.run(cmd, cwd=root, env=devstack.project_env(root), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout
@@ -46,7 +46,7 @@ def _images(root: Path) -> None:
 @pytest.fixture(scope="module")
 def vit_repo(tmp_path_factory) -> Path:
     """A scratch project on ViT-B/16 after `dvc repro evaluate@01` (embeddings in fp32)."""
-    from pipeline.backbone import create_untrained
+    from pipeline.clip.backbone import create_untrained
 
     tmp = tmp_path_factory.mktemp("vit")
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def vit_repo(tmp_path_factory) -> Path:
         "method": {"prompt": {"epochs": 1, "batch_size": 8, "per_class_per_epoch": 4}},
         "tracking": {"register_classifier": False},
     }
-    repo = devstack.scratch_project(
+    repo = scratch_project(
         tmp / "repo", small,
         compose=["backbone=local_file", f"backbone.checkpoint={checkpoint}",
                  "dataset=imagefolder", f"dataset.root={tmp / 'images'}"],
@@ -73,7 +73,7 @@ def vit_repo(tmp_path_factory) -> Path:
 
 
 def test_vit_b16_local_file_runs_a_task_at_real_widths(vit_repo):
-    from pipeline.backbone import load_backbone
+    from pipeline.clip.backbone import load_backbone
 
     backbone = load_backbone(vit_repo / "models/backbone")
     assert backbone.info["arch"] == ARCH and backbone.info["source"] == "file"
@@ -95,8 +95,8 @@ def test_vit_b16_local_file_runs_a_task_at_real_widths(vit_repo):
 def test_prompt_features_cut_at_end_of_text_match_the_full_context(vit_repo):
     """The trained task-01 prompts through ViT-B/16's 12-layer text tower: the sequence cut
     after the longest end-of-text token gives the 77-token features."""
-    from pipeline.backbone import load_backbone
-    from pipeline.prompts import learner_from_state, load_prompt_state
+    from pipeline.clip.backbone import load_backbone
+    from pipeline.method.prompts import learner_from_state, load_prompt_state
 
     backbone = load_backbone(vit_repo / "models/backbone")
     state, info = load_prompt_state(vit_repo / "models/prompts/task-01.safetensors")
@@ -115,8 +115,8 @@ def test_bf16_and_fp32_embedding_caches_load_and_agree(vit_repo):
     same images: both load through the loader every stage uses, and agree."""
     import shutil
 
-    from pipeline.backbone import read_info
-    from pipeline.embed import load_embeddings
+    from pipeline.clip.backbone import read_info
+    from pipeline.clip.embedding import load_embeddings
 
     shutil.copytree(vit_repo / "data/embeddings/test", vit_repo / "fp32-test")
     params = yaml.safe_load((vit_repo / "params.yaml").read_text())

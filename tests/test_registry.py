@@ -6,14 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import run_task
 from mlflow.tracking import MlflowClient
 
-from conftest import run_task
-from pipeline import steps
+from pipeline.data.split import load_split
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
-from pipeline.registry import INPUT_DIGEST_TAG, RegistryError, model_name
-from pipeline.split import load_split
-from pipeline.tracking import tracking_uri
+from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.prompts import run_init_prompts
+from pipeline.stages.replay import run_init_replay
+from pipeline.tracking.lineage import INPUT_DIGEST_TAG, RegistryError
+from pipeline.tracking.registry import model_name
+from pipeline.tracking.server import tracking_uri
 
 KINDS = ("classifier", "vae-bank", "prompts")
 EVERY_VERSION_PASSES_ON_ACCURACY = ["tracking.gate.max_task_drop=1.0", "tracking.gate.max_average_drop=1.0",
@@ -22,6 +25,7 @@ EVERY_VERSION_PASSES_ON_ACCURACY = ["tracking.gate.max_task_drop=1.0", "tracking
 
 def _cfg(method: str, *extra: str):
     from conftest import TINY
+
     from pipeline import config
 
     return config.load(None, TINY + [f"method={method}", "tracking.register_classifier=true", *extra])
@@ -32,8 +36,8 @@ def _client(cfg) -> MlflowClient:
 
 
 def _run(cfg, tasks: range) -> dict[int, dict]:
-    steps.run_init_prompts(cfg)
-    steps.run_init_replay(cfg)
+    run_init_prompts(cfg)
+    run_init_replay(cfg)
     return {task: _task(cfg, task) for task in tasks}
 
 
@@ -61,6 +65,7 @@ def test_a_named_lineage_gives_a_stable_name_without_pipeline_outputs(tiny_cfg):
 
 def test_a_lineage_name_must_be_a_plain_name(project):
     from conftest import TINY
+
     from pipeline import config
 
     with pytest.raises(config.ConfigError, match="tracking.lineage"):
@@ -100,7 +105,7 @@ def test_rerunning_the_same_experiment_adds_no_version(world):
     assert len(before[names[0]][1]) == 2
 
     # DVC re-runs evaluate (its outputs are not cached); a retried task re-runs every step.
-    again = {task: steps.run_evaluate(cfg, task)["registry"] for task in (1, 2)}
+    again = {task: run_evaluate(cfg, task)["registry"] for task in (1, 2)}
     again[2] = _task(cfg, 2)
     for task, decision in again.items():
         assert decision["reused"] and not decision["promoted"], decision
@@ -117,7 +122,7 @@ def test_a_version_covering_fewer_classes_than_the_champion_is_rejected(world):
     assert first[2]["promoted"], first[2]
     # Task 1 again with other settings in the same named lineage: a new version of 3 classes.
     other = _cfg("cgil", *production, "method.prompt.lr=0.002")
-    decision = steps.run_evaluate(other, 1)["registry"]
+    decision = run_evaluate(other, 1)["registry"]
     assert not decision["reused"] and not decision["promoted"]
     assert decision["reasons"] == [
         "knows 3 classes, the champion knows 6: a version must cover every class the champion knows"
@@ -149,7 +154,7 @@ def test_no_champion_only_when_the_registry_says_so_not_when_the_server_is_gone(
     then promote the next version unchecked."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.registry import champion
+    from pipeline.tracking.registry import champion
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert champion(client, "recall-x-classifier") is None  # no such model yet

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import REPO, free_port
-from pipeline import devstack
 from test_pipeline_dvc import _env, _ran
 from test_update_loop import stream_repo  # noqa: F401  (the tiny project in stream mode)
+from typer.testing import CliRunner
+
+from devtools.servers import moto_server
 
 # Sentinels standing in for real credentials: none of them may ever reach .dvc/config.
 KEY_ID, SECRET, REGION = "AKIATESTSENTINEL", "sentinel-secret-value", "eu-west-3"
@@ -177,7 +177,7 @@ def s3_endpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with devstack.moto_server(tmp_path) as endpoint:
+    with moto_server(tmp_path) as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)

@@ -55,7 +55,7 @@ def test_local_engine_means_no_cluster():
 
 
 def test_shards_are_whole_batches():
-    from pipeline.embed import shard_ranges
+    from pipeline.clip.embedding import shard_ranges
 
     shards = shard_ranges(50, 8, 10, 2)
     assert shards[0] == (0, 8) and shards[-1] == (48, 50)
@@ -69,7 +69,7 @@ def test_embed_step_on_a_cluster_address_matches_single_process(world, tiny_worl
     parts (every tensor) and index equal the single-process embeddings of the world."""
     import distributed
 
-    from pipeline import steps
+    from pipeline.stages.embed import run_embed
 
     addresses = []
     real_client = distributed.Client
@@ -86,7 +86,7 @@ def test_embed_step_on_a_cluster_address_matches_single_process(world, tiny_worl
         "paths": world.paths.model_copy(update={"embeddings": "data/embeddings-dask"}),
     })
     before = cluster.run_on_scheduler(lambda dask_scheduler: dask_scheduler.task_prefixes.get("embed_shard") is not None)
-    index = steps.run_embed(cfg, "train")
+    index = run_embed(cfg, "train")
     assert addresses == [address]
     assert not index["reused"]
     ran = cluster.run_on_scheduler(lambda dask_scheduler: dask_scheduler.task_prefixes.get("embed_shard") is not None)
@@ -97,29 +97,31 @@ def test_embed_step_on_a_cluster_address_matches_single_process(world, tiny_worl
 
 
 def test_stream_task_on_dask_matches_single_process(tiny_world, cluster, tmp_path):
-    from pipeline import backbone as backbone_lib
-    from pipeline import stream
+    from pipeline.clip import backbone as backbone_lib
+    from pipeline.stream.images import embed_task
+    from pipeline.stream.ledger import load_task_manifest
+    from pipeline.stream.sources import open_source
     from tests.test_stream import batch_files, put_folder, run_ingest
 
     files = batch_files("b1", {"red_circle": 9, "blue_star": 8}, seed=3)
     files["b1/blue_star/broken.png"] = b"not an image"
     put_folder(tmp_path / "src", files)
-    source = stream.open_source(str(tmp_path / "src"))
+    source = open_source(str(tmp_path / "src"))
     run_ingest(source, tmp_path)
-    manifest = stream.load_task_manifest(tmp_path / "tasks", 1)
+    manifest = load_task_manifest(tmp_path / "tasks", 1)
     backbone_dir = tiny_world / "models/backbone"
     backbone = backbone_lib.load_backbone(backbone_dir)
     options = {"batch_size": 4, "chunk_size": 6, "on_bad_image": "skip", "progress": False, "class_ids": [5, 2]}
-    single = stream.embed_task(source, manifest, "train", backbone, tmp_path / "single", **options)
-    dask = stream.embed_task(source, manifest, "train", backbone, tmp_path / "dask", client=cluster,
+    single = embed_task(source, manifest, "train", backbone, tmp_path / "single", **options)
+    dask = embed_task(source, manifest, "train", backbone, tmp_path / "dask", client=cluster,
                              backbone_dir=backbone_dir, **options)
     assert single["skipped"] == dask["skipped"] == ["b1/blue_star/broken.png"]
     assert_same_embeddings(tmp_path / "single", tmp_path / "dask")
 
 
 def by_class(tiny_world):
-    from pipeline import backbone as backbone_lib
-    from pipeline.embed import load_embeddings
+    from pipeline.clip import backbone as backbone_lib
+    from pipeline.clip.embedding import load_embeddings
 
     sha = backbone_lib.read_info(tiny_world / "models/backbone")["sha256"]
     data = load_embeddings(tiny_world / "data/embeddings/train", sha)
@@ -128,8 +130,8 @@ def by_class(tiny_world):
 
 @pytest.mark.parametrize("kind", ["vae", "mog"])
 def test_generator_bank_on_dask_matches_single_process(tiny_world, cluster, kind):
-    from pipeline import generators
     from pipeline.config import MogGenerator, VaeGenerator
+    from pipeline.method import generators
 
     data = by_class(tiny_world)
     if kind == "vae":

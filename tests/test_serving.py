@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_task
-from pipeline import steps
+
+from pipeline.stages._common import task_file
+from pipeline.stages.prompts import run_init_prompts
+from pipeline.stages.saved_classifier import load_classifier
 
 
 def _model(cfg) -> str:
-    from pipeline.registry import model_name
+    from pipeline.tracking.registry import model_name
 
     return model_name(cfg, "classifier")
 
@@ -35,7 +37,7 @@ def _cfg(method: str, *extra: str):
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.server import tracking_uri
 
     return MlflowClient(tracking_uri(cfg))
 
@@ -46,7 +48,7 @@ _task = run_task
 def test_a_version_trained_without_replay_is_registered_but_not_champion(world):
     # One named lineage (a production loop): runs of other methods meet the same champion.
     good = _cfg("cgil", "tracking.lineage=production")
-    steps.run_init_prompts(good)
+    run_init_prompts(good)
     first = _task(good, 1)
     assert first["registry"]["promoted"] and first["registry"]["reasons"][0].startswith("no champion yet")
     worse = _cfg("sequential", "tracking.lineage=production", "tracking.gate.max_task_drop=0.1")
@@ -70,7 +72,7 @@ def test_a_version_trained_without_replay_is_registered_but_not_champion(world):
     gate_file = Path(client.download_artifacts(rejected.run_id, "gate/gate.json"))
     assert json.loads(gate_file.read_text())["champion_before"] == first["registry"]["version"]
     # The evaluation file (what DVC tracks) carries the decision and the figures it compared.
-    written = json.loads(steps.task_file(worse.paths.evaluations, 2, ".json").read_text())["registry"]
+    written = json.loads(task_file(worse.paths.evaluations, 2, ".json").read_text())["registry"]
     assert written["decision"] == "rejected" and written["version"] == decision["version"]
     assert written["champion_before"] == written["champion_after"] == first["registry"]["version"]
     figures = written["figures"]
@@ -83,15 +85,14 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     import mlflow
     import pandas as pd
 
-    from pipeline import backbone as backbone_lib
-    from pipeline import embed as embed_lib
-    from pipeline.data import load_prepared
-    from pipeline.tracking import tracking_uri, using_tracking_uri
-
     from pipeline import config
+    from pipeline.clip import backbone as backbone_lib
+    from pipeline.clip import embedding as embed_lib
+    from pipeline.data import load_prepared
+    from pipeline.tracking.server import tracking_uri, using_tracking_uri
 
     cfg = _cfg("clap", "method.head.mc_test=5")
-    steps.run_init_prompts(cfg)
+    run_init_prompts(cfg)
     _task(cfg, 1)
     # The CLI finds the model from the current params, as after `dvc repro`.
     config.write_params("params.yaml", config.compose(_overrides("clap", "method.head.mc_test=5")))
@@ -111,7 +112,7 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     assert (local / "serving_input_example.json").exists()
 
     backbone = backbone_lib.load_backbone(cfg.paths.backbone)
-    expected = steps.load_classifier(cfg, 1, backbone)
+    expected = load_classifier(cfg, 1, backbone)
     test = embed_lib.load_embeddings(Path(cfg.paths.embeddings) / "test", backbone.sha256)
     x = test["embeddings"][:6]
     out = model.predict(pd.DataFrame({"embedding": [row.tolist() for row in x.double()]}))
@@ -135,7 +136,7 @@ def test_the_registered_model_classifies_images_and_embeddings_with_uncertainty(
     direct = expected.predict(embedding)
     for frame in (by_path, by_b64):
         assert torch.allclose(torch.tensor(frame["probabilities"][0], dtype=torch.float64), direct["probs"][0].double(), atol=1e-5)
-    from pipeline.serving import RecallClassifierModel
+    from pipeline.serving.model import RecallClassifierModel
 
     body = RecallClassifierModel(local / "artifacts" / "classifier.safetensors")
     assert body.predict_rows(images=[raw])[0]["class_id"] == int(direct["label"][0])
@@ -165,11 +166,12 @@ def test_mlflow_models_serve_answers_over_http(world):
     import urllib.request
 
     from conftest import free_port, wait_for_http
+
     from pipeline.data import load_prepared
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.server import tracking_uri
 
     cfg = _cfg("clap", "method.head.mc_test=5")
-    steps.run_init_prompts(cfg)
+    run_init_prompts(cfg)
     _task(cfg, 1)
     port = free_port()
     bin_dir = Path(sys.executable).parent
@@ -204,3 +206,38 @@ def test_mlflow_models_serve_answers_over_http(world):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_model_version_carries_exactly_the_code_serving_imports():
+    """The model's code path is the import closure of the serving model (lazy imports
+    included), so loading a version never misses a module and carries no training, stage,
+    tracking or dev code."""
+    import ast
+
+    from pipeline.serving.log import PACKAGE, SERVING_CODE
+
+    def module_path(module: str) -> Path | None:
+        path = PACKAGE.parent.joinpath(*module.split("."))
+        if path.with_suffix(".py").exists():
+            return path.with_suffix(".py")
+        return path / "__init__.py" if (path / "__init__.py").exists() else None
+
+    closure, todo = set(), ["pipeline.serving.model", "pipeline.serving.pyfunc_model"]
+    while todo:
+        module = todo.pop()
+        path = module_path(module)
+        if path is None or path in closure:
+            continue
+        closure.add(path)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    needed = {p.relative_to(PACKAGE).as_posix() for p in closure}
+    shipped = set()
+    for name in SERVING_CODE:
+        path = PACKAGE / name
+        shipped |= {p.relative_to(PACKAGE).as_posix() for p in path.rglob("*.py")} if path.is_dir() else {name}
+    assert needed <= shipped, f"a loaded model would miss {sorted(needed - shipped)}"
+    assert shipped <= needed, f"a model version would carry code serving never imports: {sorted(shipped - needed)}"

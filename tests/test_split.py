@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.split import SplitError, make_split, seen_classes, task_classes
+from pipeline.data.split import SplitError, make_split, seen_classes, task_classes
 
 CLASSES = [f"class {i}" for i in range(10)]
 

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, venv_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -33,7 +32,7 @@ def _script(name: str, folder: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 def test_stack_up_survives_a_database_restart_and_down_leaves_nothing(tmp_path):
-    from pipeline.devstack import STACK_BUCKETS, LocalStack, _alive, _group_members
+    from devtools.localstack import STACK_BUCKETS, LocalStack, _alive, _group_members
 
     folder = tmp_path / ".stack"
     ports = {name: free_port() for name in ("postgres", "s3", "mlflow", "prefect")}

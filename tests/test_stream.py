@@ -19,10 +19,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from pipeline import devstack, stream
+from devtools import servers
+from devtools.servers import free_port
+from pipeline.clip.embedding import BadImage, collate_images, screen_bad_images
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from pipeline.embed import BadImage, collate_images, screen_bad_images
+from pipeline.stream.images import StreamImages, embed_task
+from pipeline.stream.ingest import ingest
+from pipeline.stream.ledger import EntryTaken, Record, ledger_text, load_task_manifest, open_ledger_store
+from pipeline.stream.s3 import S3_MAX_ATTEMPTS, S3_REQUESTS_IN_FLIGHT, SourceError, SourceUnreachable, s3_client
+from pipeline.stream.scan import _hash_split, class_name, scan_batch
+from pipeline.stream.sources import READY_MARKER, open_source
 
 # Dummy credentials, distinctive so a test can tell if one ever reaches a message.
 ACCESS_KEY = "TESTSTREAMACCESSKEY0"
@@ -31,7 +38,7 @@ SECRET_KEY = "stream-test-secret-never-shown"
 
 def moto_server(log_dir: Path, **env_overrides: str):
     """moto's server with this module's dummy credentials (and any other environment)."""
-    return devstack.moto_server(log_dir, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **env_overrides})
+    return servers.moto_server(log_dir, {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **env_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +62,7 @@ def aws_env(monkeypatch, tmp_path):
 @pytest.fixture
 def s3(moto_endpoint):
     """A fresh bucket: (client, bucket, endpoint)."""
-    client = stream.s3_client(moto_endpoint)
+    client = s3_client(moto_endpoint)
     bucket = f"recall-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
     return client, bucket, moto_endpoint
@@ -76,7 +83,7 @@ def batch_files(batch: str, classes: dict[str, int], seed: int = 0, ready: bool 
         for i in range(n):
             files[f"{batch}/{folder}/{i:04d}.png"] = image_bytes(seed * 100_000 + c * 1000 + i)
     if ready:
-        files[f"{batch}/{stream.READY_MARKER}"] = b""
+        files[f"{batch}/{READY_MARKER}"] = b""
     return files
 
 
@@ -97,7 +104,7 @@ def entries(ledger: Path) -> list[dict]:
 
 
 def run_ingest(source, root: Path, **kwargs):
-    return stream.ingest(source, root / "ledger.yaml", root / "tasks", **kwargs)
+    return ingest(source, root / "ledger.yaml", root / "tasks", **kwargs)
 
 
 # --------------------------------------------------------------------------- tests
@@ -106,7 +113,7 @@ def run_ingest(source, root: Path, **kwargs):
 def test_batch_without_ready_is_ignored_until_ready(s3, tmp_path):
     client, bucket, endpoint = s3
     put_s3(client, bucket, "in/", batch_files("batch-001", {"red_circle": 5, "blue_star": 5}, ready=False))
-    source = stream.open_source(f"s3://{bucket}/in", endpoint)
+    source = open_source(f"s3://{bucket}/in", endpoint)
 
     assert run_ingest(source, tmp_path) == []
     assert entries(tmp_path / "ledger.yaml") == []
@@ -129,7 +136,7 @@ def test_repeated_class_is_rejected_and_the_next_batch_becomes_the_task(s3, tmp_
     files |= batch_files("batch-003", {"green_cross": 4}, seed=3)
     put_s3(client, bucket, "", files)
 
-    new = run_ingest(stream.open_source(f"s3://{bucket}", endpoint), tmp_path)
+    new = run_ingest(open_source(f"s3://{bucket}", endpoint), tmp_path)
 
     assert [(e["batch"], e["status"], e.get("task")) for e in new] == [
         ("batch-001", "accepted", 1), ("batch-002", "rejected", None), ("batch-003", "accepted", 2)
@@ -162,7 +169,7 @@ def test_unusable_batches_are_rejected_with_their_reason_and_later_ones_proceed(
             put_folder(root, {f"batch-001/{key}": image_bytes(seed) if key.endswith(".png") else b"x"})
     put_folder(root, {"batch-001/_READY": b""} | batch_files("batch-002", {"zebra": 3}, seed=9))
 
-    rejected, accepted = run_ingest(stream.open_source(str(root)), tmp_path)
+    rejected, accepted = run_ingest(open_source(str(root)), tmp_path)
 
     assert rejected["status"] == "rejected" and reason in rejected["reason"], rejected
     assert "task" not in rejected
@@ -179,14 +186,14 @@ def test_corrupt_image_follows_on_bad_image_and_a_changed_object_is_refused(s3, 
         "b1/_READY": b"",
     }
     put_s3(client, bucket, "src/", files)
-    source = stream.open_source(f"s3://{bucket}/src", endpoint)
+    source = open_source(f"s3://{bucket}/src", endpoint)
     run_ingest(source, tmp_path)
-    manifest = stream.load_task_manifest(tmp_path / "tasks", 1)
+    manifest = load_task_manifest(tmp_path / "tasks", 1)
 
     def preprocess(image):
         return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32)).permute(2, 0, 1)
 
-    images = stream.StreamImages(source, manifest, "train", preprocess)
+    images = StreamImages(source, manifest, "train", preprocess)
     assert len(images) == 3
 
     def screened(on_bad_image, skipped):
@@ -221,9 +228,9 @@ def ingested_task(s3, tmp_path, n: int):
     files = {f"b1/train/cat/{i:03d}.png": image_bytes(500 + i) for i in range(n)}
     files |= {"b1/test/cat/0.png": image_bytes(499), "b1/_READY": b""}
     put_s3(client, bucket, "src/", files)
-    source = stream.open_source(f"s3://{bucket}/src", endpoint)
+    source = open_source(f"s3://{bucket}/src", endpoint)
     run_ingest(source, tmp_path)
-    return source, stream.load_task_manifest(tmp_path / "tasks", 1), files
+    return source, load_task_manifest(tmp_path / "tasks", 1), files
 
 
 def load_all(images) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +243,7 @@ def load_all(images) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_concurrent_reads_keep_the_order_the_embeddings_need(s3, tmp_path):
     source, manifest, files = ingested_task(s3, tmp_path, 40)
-    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    images = StreamImages(source, manifest, "train", tensor_of)
     lock, state = threading.Lock(), {"now": 0, "most": 0}
 
     def late_first(request, **_):
@@ -255,14 +262,14 @@ def test_concurrent_reads_keep_the_order_the_embeddings_need(s3, tmp_path):
     assert indices.tolist() == list(range(40))
     assert all(torch.equal(got, want) for got, want in zip(tensors, expected))
     # The GETs overlapped, and never more of them than the source's bound.
-    assert 1 < state["most"] <= stream.S3_REQUESTS_IN_FLIGHT, state
+    assert 1 < state["most"] <= S3_REQUESTS_IN_FLIGHT, state
 
 
 def test_an_object_changed_since_ingest_is_named_among_concurrent_reads(s3, tmp_path):
     source, manifest, _ = ingested_task(s3, tmp_path, 30)
     client, bucket, _ = s3
     client.put_object(Bucket=bucket, Key="src/b1/train/cat/017.png", Body=image_bytes(999))
-    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    images = StreamImages(source, manifest, "train", tensor_of)
     with pytest.raises(DataError, match=rf"^s3://{bucket}/src/b1/train/cat/017\.png: changed since ingest"):
         load_all(images)
 
@@ -271,7 +278,7 @@ def test_a_transient_error_is_retried_and_a_lasting_one_named_after_bounded_atte
     from botocore.exceptions import ConnectionClosedError
 
     source, manifest, files = ingested_task(s3, tmp_path, 20)
-    images = stream.StreamImages(source, manifest, "train", tensor_of)
+    images = StreamImages(source, manifest, "train", tensor_of)
     attempts: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -293,15 +300,15 @@ def test_a_transient_error_is_retried_and_a_lasting_one_named_after_bounded_atte
     source.client.meta.events.unregister("before-send.s3.GetObject", unique_id="drop")
     source.client.meta.events.register("before-send.s3.GetObject", lambda request, **kw: drop(request, "011.png"))
     _, bucket, endpoint = s3
-    with pytest.raises(stream.SourceUnreachable, match=rf"S3 endpoint {endpoint} does not answer .*bucket '{bucket}'"):
+    with pytest.raises(SourceUnreachable, match=rf"S3 endpoint {endpoint} does not answer .*bucket '{bucket}'"):
         load_all(images)
     # botocore's max_attempts counts the retries after the first attempt.
-    assert attempts["011.png"] == 1 + stream.S3_MAX_ATTEMPTS, attempts
+    assert attempts["011.png"] == 1 + S3_MAX_ATTEMPTS, attempts
 
 
 def test_a_task_embeds_straight_from_s3_as_from_a_folder(s3, tmp_path, tiny_world):
-    from pipeline import backbone as backbone_lib
-    from pipeline import embed as embed_lib
+    from pipeline.clip import backbone as backbone_lib
+    from pipeline.clip import embedding as embed_lib
 
     client, bucket, endpoint = s3
     files = batch_files("b1", {"red_circle": 5, "blue_star": 4}, seed=7)
@@ -311,18 +318,18 @@ def test_a_task_embeds_straight_from_s3_as_from_a_folder(s3, tmp_path, tiny_worl
     backbone = backbone_lib.load_backbone(tiny_world / "models/backbone")
     embedded = {}
     for name, uri in (("s3", f"s3://{bucket}/src"), ("folder", str(tmp_path / "folder"))):
-        source = stream.open_source(uri, endpoint if name == "s3" else None)
+        source = open_source(uri, endpoint if name == "s3" else None)
         run_ingest(source, tmp_path / name)
-        manifest = stream.load_task_manifest(tmp_path / name / "tasks", 1)
+        manifest = load_task_manifest(tmp_path / name / "tasks", 1)
         out = tmp_path / name / "embeddings"
         with pytest.raises(BadImage, match=r"b1/blue_star/broken\.png"):
-            stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4, progress=False)
+            embed_task(source, manifest, "train", backbone, out / "train", batch_size=4, progress=False)
         assert not (out / "train").exists()  # nothing half-written
-        index = stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
+        index = embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
                                   on_bad_image="skip", progress=False)
         assert index["skipped"] == ["b1/blue_star/broken.png"] and not index["reused"]
         # The same task again is not embedded twice.
-        again = stream.embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
+        again = embed_task(source, manifest, "train", backbone, out / "train", batch_size=4,
                                   on_bad_image="skip", progress=False)
         assert again["reused"]
         embedded[name] = embed_lib.load_embeddings(out / "train", backbone.sha256)
@@ -336,7 +343,7 @@ def test_a_task_embeds_straight_from_s3_as_from_a_folder(s3, tmp_path, tiny_worl
 def test_ingest_twice_adds_nothing(s3, tmp_path):
     client, bucket, endpoint = s3
     put_s3(client, bucket, "", batch_files("b1", {"a": 3, "b": 3}) | batch_files("b2", {"a": 3}, seed=5))
-    source = stream.open_source(f"s3://{bucket}/", endpoint)
+    source = open_source(f"s3://{bucket}/", endpoint)
     first = run_ingest(source, tmp_path)
     assert [e["status"] for e in first] == ["accepted", "rejected"]
     written = sorted([tmp_path / "ledger.yaml", *(tmp_path / "tasks").iterdir()])
@@ -353,21 +360,21 @@ def test_a_batch_of_more_than_1000_objects_is_listed_whole(s3, tmp_path):
     files = {f"big/class_{c}/{i:04d}.png": f"{c}-{i}".encode() for c in "ab" for i in range(550)}
     put_s3(client, bucket, "", files | {"big/_READY": b""})
 
-    [entry] = run_ingest(stream.open_source(f"s3://{bucket}", endpoint), tmp_path)
+    [entry] = run_ingest(open_source(f"s3://{bucket}", endpoint), tmp_path)
 
     assert entry["status"] == "accepted"
     assert {c: n["train"] + n["test"] for c, n in entry["counts"].items()} == {"class a": 550, "class b": 550}
-    manifest = stream.load_task_manifest(tmp_path / "tasks", 1)
+    manifest = load_task_manifest(tmp_path / "tasks", 1)
     assert {f["key"] for f in manifest["files"]} == set(files)
     assert all(f["md5"] == hashlib.md5(files[f["key"]]).hexdigest() for f in manifest["files"])
 
 
 @pytest.mark.parametrize("failure", ["unreachable endpoint", "missing bucket"])
 def test_unusable_source_is_one_clear_error_in_bounded_time(project, moto_endpoint, failure):
-    endpoint = f"http://127.0.0.1:{devstack.free_port()}" if failure == "unreachable endpoint" else moto_endpoint
+    endpoint = f"http://127.0.0.1:{free_port()}" if failure == "unreachable endpoint" else moto_endpoint
     bucket = f"absent-{uuid.uuid4().hex[:8]}"
     ledger = project / "ledger.yaml"
-    ledger.write_text(stream.ledger_text([]))
+    ledger.write_text(ledger_text([]))
     before = ledger.read_bytes()
 
     start = time.monotonic()
@@ -393,8 +400,8 @@ def test_unusable_source_is_one_clear_error_in_bounded_time(project, moto_endpoi
 def test_refused_credentials_are_one_clear_error_without_the_secret(tmp_path):
     # This server checks signatures against its IAM users, of which it has none.
     with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
-        with pytest.raises(stream.SourceError) as error:
-            stream.open_source("s3://guarded/in", endpoint)
+        with pytest.raises(SourceError) as error:
+            open_source("s3://guarded/in", endpoint)
     message = str(error.value)
     assert "'guarded'" in message and endpoint in message and "credentials were refused" in message
     assert ACCESS_KEY not in message and SECRET_KEY not in message
@@ -410,15 +417,15 @@ def test_hash_split_is_stable_and_folder_and_s3_sources_agree(s3, tmp_path):
     put_s3(client, bucket, "two/", renamed)
     put_folder(tmp_path / "folder", files)
     sources = {
-        "s3": stream.open_source(f"s3://{bucket}/one", endpoint),
-        "renamed": stream.open_source(f"s3://{bucket}/two", endpoint),
-        "local": stream.open_source(str(tmp_path / "folder")),
+        "s3": open_source(f"s3://{bucket}/one", endpoint),
+        "renamed": open_source(f"s3://{bucket}/two", endpoint),
+        "local": open_source(str(tmp_path / "folder")),
     }
     for name, source in sources.items():
         run_ingest(source, tmp_path / name)
 
     def manifest(name):
-        return stream.load_task_manifest(tmp_path / name / "tasks", 1)
+        return load_task_manifest(tmp_path / name / "tasks", 1)
 
     def split_by_md5(name):
         return {f["md5"]: f["split"] for f in manifest(name)["files"]}
@@ -429,7 +436,7 @@ def test_hash_split_is_stable_and_folder_and_s3_sources_agree(s3, tmp_path):
     [entry] = entries(tmp_path / "s3" / "ledger.yaml")
     n_test = {n: max(1, min(n - 1, int(0.2 * n + 0.5))) for n in sizes.values()}
     assert entry["counts"] == {
-        stream.class_name(folder): {"train": n - n_test[n], "test": n_test[n]} for folder, n in sizes.items()
+        class_name(folder): {"train": n - n_test[n], "test": n_test[n]} for folder, n in sizes.items()
     }
     # Within a class, the test images are those with the smallest MD5s, whatever the keys.
     for name in entry["classes"]:
@@ -455,17 +462,17 @@ def test_hash_split_is_stable_and_folder_and_s3_sources_agree(s3, tmp_path):
 
 def test_a_class_of_two_images_gets_one_train_and_one_test(tmp_path):
     put_folder(tmp_path, batch_files("b", {"pair": 2}))
-    scan = stream.scan_batch(stream.open_source(str(tmp_path)), "b", test_fraction=0.01)
+    scan = scan_batch(open_source(str(tmp_path)), "b", test_fraction=0.01)
     assert scan.counts == {"pair": {"train": 1, "test": 1}}
     assert "1 training image(s)" in " ".join(scan.problems)
 
 
 def test_conditional_put_refuses_an_existing_entry(s3):
     client, bucket, endpoint = s3
-    store = stream.open_ledger_store(f"s3://{bucket}/state/ledger", endpoint)
-    store.create(1, stream.Record({"batch": "x", "status": "rejected", "reason": "r"}))
-    with pytest.raises(stream.EntryTaken):
-        store.create(1, stream.Record({"batch": "y", "status": "rejected", "reason": "r"}))
+    store = open_ledger_store(f"s3://{bucket}/state/ledger", endpoint)
+    store.create(1, Record({"batch": "x", "status": "rejected", "reason": "r"}))
+    with pytest.raises(EntryTaken):
+        store.create(1, Record({"batch": "y", "status": "rejected", "reason": "r"}))
     assert [r.entry["batch"] for r in store.read()] == ["x"]
 
 
@@ -479,22 +486,22 @@ def test_racing_ingests_never_share_a_task_number(s3, tmp_path, monkeypatch, sha
     folder_a = tmp_path / "source-a"
     put_folder(folder_a, batch_files("batch-a", {"red_circle": 4}, seed=8))
 
-    store_b = stream.open_ledger_store(ledger_uri, endpoint)
+    store_b = open_ledger_store(ledger_uri, endpoint)
     real_create = store_b.create
     raced = []
 
     def create_after_a_won(number, record):
         if not raced:
             raced.append(number)
-            run_ingest(stream.open_source(str(folder_a)), tmp_path / "a", store=stream.open_ledger_store(ledger_uri, endpoint))
+            run_ingest(open_source(str(folder_a)), tmp_path / "a", store=open_ledger_store(ledger_uri, endpoint))
         return real_create(number, record)
 
     monkeypatch.setattr(store_b, "create", create_after_a_won)
     # B's local ledger is stale on purpose: it has never seen A's entry.
-    [entry_b] = run_ingest(stream.open_source(f"s3://{bucket}/src", endpoint), tmp_path / "b", store=store_b)
+    [entry_b] = run_ingest(open_source(f"s3://{bucket}/src", endpoint), tmp_path / "b", store=store_b)
 
     assert raced == [1]
-    shared = [r.entry for r in stream.open_ledger_store(ledger_uri, endpoint).read()]
+    shared = [r.entry for r in open_ledger_store(ledger_uri, endpoint).read()]
     assert [e["batch"] for e in shared] == ["batch-a", "batch-b"]
     tasks = [e["task"] for e in shared if e["status"] == "accepted"]
     assert len(tasks) == len(set(tasks))
@@ -505,7 +512,7 @@ def test_racing_ingests_never_share_a_task_number(s3, tmp_path, monkeypatch, sha
         assert json.loads((tmp_path / "b" / "tasks" / "task-02.json").read_text())["batch"] == "batch-b"
     # B's local copy holds A's entry and A's task manifest too, as A's does once it syncs.
     assert entries(tmp_path / "b" / "ledger.yaml") == shared
-    run_ingest(stream.open_source(str(folder_a)), tmp_path / "a", store=stream.open_ledger_store(ledger_uri, endpoint))
+    run_ingest(open_source(str(folder_a)), tmp_path / "a", store=open_ledger_store(ledger_uri, endpoint))
     assert (tmp_path / "a" / "ledger.yaml").read_bytes() == (tmp_path / "b" / "ledger.yaml").read_bytes()
     assert (tmp_path / "a" / "tasks" / "task-01.json").read_bytes() == (tmp_path / "b" / "tasks" / "task-01.json").read_bytes()
 
@@ -536,8 +543,8 @@ def test_folder_stream_end_to_end_with_the_demo_producer(project):
     assert [(e["batch"], e["task"]) for e in ledger] == [("batch-001", 1), ("batch-002", 2)]
     assert not set(ledger[0]["classes"]) & set(ledger[1]["classes"])
     assert sorted(p.name for p in (project / "state" / "ledger").iterdir()) == ["entry-000001.json", "entry-000002.json"]
-    manifest = stream.load_task_manifest(project / cfg.paths.tasks, 2)
-    images = stream.StreamImages(stream.open_source("incoming"), manifest, "test", lambda im: torch.zeros(1))
+    manifest = load_task_manifest(project / cfg.paths.tasks, 2)
+    images = StreamImages(open_source("incoming"), manifest, "test", lambda im: torch.zeros(1))
     assert len(images) == 3 and all(images[i][2] is None for i in range(3))
 
 
@@ -588,10 +595,10 @@ def test_hash_split_keeps_byte_identical_duplicates_on_one_side():
     # three land there, and train keeps at least one image.
     items = [(f"b/c/{i}.png", f"{i:032x}", 10) for i in range(6)] + [(f"b/c/dup-{i}.png", "0" * 31 + "f", 10) for i in range(3)]
     for fraction in (0.1, 0.2, 0.5, 0.9):
-        split = stream._hash_split(items, fraction)
+        split = _hash_split(items, fraction)
         sides = {key for key, md5, _ in split["test"] if md5 == "0" * 31 + "f"}
         assert len(sides) in (0, 3), (fraction, split)
         assert split["train"] and len(split["train"]) + len(split["test"]) == len(items)
     # Only copies of one image: nothing can be a test image without also being a train one.
     copies = [(f"b/c/{i}.png", "a" * 32, 10) for i in range(4)]
-    assert stream._hash_split(copies, 0.2) == {"train": copies, "test": []}
+    assert _hash_split(copies, 0.2) == {"train": copies, "test": []}

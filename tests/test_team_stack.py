@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from test_pipeline_dvc import _sh
 from test_remote import upload_batch
@@ -50,10 +49,12 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.local import POOLS, configure, stack_env, start_worker
-    from pipeline.devstack import LocalStack, scratch_project, stop
     from test_update_loop import _classifier_versions
+
+    from devtools.localstack import LocalStack
+    from devtools.scratch import scratch_project
+    from devtools.servers import stop
+    from flows.local import POOLS, configure, stack_env, start_worker
 
     started = time.monotonic()
     stack = LocalStack(tmp_path / "stack", {name: free_port() for name in ("postgres", "s3", "mlflow", "prefect")})

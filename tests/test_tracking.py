@@ -3,8 +3,11 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import steps
-from pipeline.tracking import Tracker, experiment_name, tracking_uri
+from pipeline.stages.embed import run_embed
+from pipeline.stages.split import run_split
+from pipeline.tracking.lineage import experiment_name
+from pipeline.tracking.runs import Tracker
+from pipeline.tracking.server import tracking_uri
 
 
 def _runs(client: MlflowClient):
@@ -13,8 +16,8 @@ def _runs(client: MlflowClient):
 
 
 def test_steps_are_child_runs_of_one_pipeline_run(world):
-    steps.run_split(world)
-    steps.run_embed(world, "test")
+    run_split(world)
+    run_embed(world, "test")
     client = MlflowClient(tracking_uri(world))
     experiment = client.get_experiment_by_name(experiment_name(world))
     assert experiment.name == "recall-shapes-tiny"
@@ -55,8 +58,8 @@ def test_a_failing_step_is_marked_failed(world):
 
 def test_orchestrator_names_the_pipeline_run(world, monkeypatch):
     monkeypatch.setenv("RECALL_PIPELINE_RUN", "flow-run-42")
-    steps.run_split(world)
-    steps.run_split(world)
+    run_split(world)
+    run_split(world)
     client = MlflowClient(tracking_uri(world))
     parents = [r for r in _runs(client) if r.data.tags.get("recall.pipeline_key") == "flow-run-42"]
     assert len(parents) == 1

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_pipeline_dvc import TINY_CONFIG, _ran, _sh, kill_during, make_project
 
 pytestmark = pytest.mark.slow
@@ -36,8 +35,8 @@ def _classifier_versions(root: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     from pipeline import config
-    from pipeline.registry import model_name
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.registry import model_name
+    from pipeline.tracking.server import tracking_uri
 
     cwd = os.getcwd()
     os.chdir(root)

@@ -8,76 +8,9 @@ Benchmark mode and the stream (update loop) run the same per-task stages; they d
 in where a task's classes and embeddings come from, which each task's entry names.
 """
 
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
-
-def mode_of(dataset_name: str) -> str:
-    return "stream" if dataset_name == "stream" else "benchmark"
-
-
-def task_chain(
-    n_tasks: int,
-    dataset_name: str = "shapes",
-    embeddings: str = "data/embeddings",
-    split: str = "data/split.json",
-    tasks: str = "data/tasks",
-    evaluations: str = "metrics/tasks",
-    prompts: str = "models/prompts",
-) -> dict[str, dict[str, object]]:
-    """``{"01": {"task": 1, "previous": "00", ...}, ...}``: one entry per task, for DVC's foreach.
-
-    DVC cannot do arithmetic on ``${item}``; each per-task stage finds the state it builds
-    on (task 0 is the initial state) through ``previous``, and its inputs through:
-
-    - ``classes``: the file naming the task's classes (the split, or the stream's task
-      manifest, written once by ``recall ingest``);
-    - ``train``, ``test``, ``text``: its embeddings (the benchmark's, shared by all tasks;
-      or the task's own, from its batch);
-    - ``after``: what must exist before the arriving classes are scored by the champion
-      (the previous task's evaluation, which registers and gates; task 1: the initial state).
-    """
-    n = int(n_tasks)
-    stream = mode_of(dataset_name) == "stream"
-    chain = {}
-    for t in range(1, n + 1):
-        key = f"{t:02d}"
-        own = f"{embeddings}/task-{key}"
-        chain[key] = {
-            "task": t,
-            "previous": f"{t - 1:02d}",
-            "classes": f"{tasks}/task-{key}.json" if stream else split,
-            "train": f"{own}/train" if stream else f"{embeddings}/train",
-            "test": f"{own}/test" if stream else f"{embeddings}/test",
-            "text": f"{own}/text.safetensors" if stream else f"{embeddings}/text.safetensors",
-            "after": f"{evaluations}/task-{t - 1:02d}.json" if t > 1 else f"{prompts}/task-00.safetensors",
-        }
-    return chain
-
-
-def stage_switches(dataset_name: str, chain: dict) -> dict[str, object]:
-    """Which mode-specific stage families exist (DVC's foreach over an empty list makes no
-    stage): the benchmark embeds whole splits and every class's text once; the stream embeds
-    each arriving batch (``intake``)."""
-    stream = mode_of(dataset_name) == "stream"
-    return {
-        "embed": [] if stream else ["train", "test"],
-        "embed_text": [] if stream else ["all"],
-        "intake": dict(chain) if stream else {},
-    }
-
-
-def ledger_tasks(ledger: str) -> int:
-    """The number of accepted tasks in the stream's ledger (0 before the first ingest)."""
-    import yaml
-
-    path = Path(ledger)
-    if not path.exists():
-        return 0
-    data = yaml.safe_load(path.read_text()) or {}
-    return sum(1 for e in data.get("entries", []) if isinstance(e, dict) and e.get("status") == "accepted")
-
+from pipeline.config.task_chain import ledger_tasks, stage_switches, task_chain
 
 # Returned as DictConfigs: OmegaConf.resolve (what DVC calls) cannot put a plain dict in
 # place of the interpolation.
