@@ -48,7 +48,8 @@ update-demo: $(STAMP)
 ## Run the test suite: unit tests and the end-to-end pipeline tests (dvc repro, the update
 ## loop, two checkouts sharing an S3 remote), on real MLflow and S3 API servers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not stack and not real_size"
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not stack and not real_size"
 
 ## Unit tests only.
 test-fast: $(STAMP)
