@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export HYDRA_FULL_ERROR := 1
 
-.PHONY: demo test test-fast test-full install clean-demo update update-demo prefect prefect-down stack stack-down postgres
+.PHONY: demo test test-fast test-full install clean-demo update update-demo prefect prefect-down stack stack-down postgres docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ test-fast: $(STAMP)
 ## real-size ViT-B/16 backbone path: about 40 more minutes on 2 cores.
 test-full: $(STAMP) postgres
 	$(BIN)/python -m pytest
+
+## Build the documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+## Serve the documentation on http://127.0.0.1:8000, rebuilt on every save.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 ## Debian's PostgreSQL server, which `make stack` and its test run (installed when missing).
 postgres:
