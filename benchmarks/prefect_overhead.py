@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 
 from devtools.scratch import CHECKOUT, TINY_CONFIG, merge_config, project_env, scratch_project
+from pipeline.compat import disable_telemetry
 
-for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1"}.items():
-    os.environ.setdefault(_key, _value)
+disable_telemetry()
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROUTINGS = ("inline", "gpu-deployment")
 # What a flow run of the benchmark needs in its copy: the flows and their deployments too.

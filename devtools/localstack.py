@@ -1,5 +1,8 @@
 """`make stack`: the team stack of infra/compose.yaml without containers (PostgreSQL, an S3
 API with the buckets, MLflow, Prefect), on 127.0.0.1, state and PIDs in one folder.
+
+One module, over 400 lines: one class owning every process of the stack, its ports,
+state folder and PIDs, so start and stop cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from devtools.scratch import CHECKOUT
 from devtools.servers import StackError, wait_http
+from pipeline.compat import TELEMETRY_OFF
 
 # The compose file's host ports (tests/test_infra.py checks they agree), so the same client
 # settings reach either stack. PostgreSQL's is not one of them: it stays off 5432, where a
@@ -323,7 +327,7 @@ class LocalStack:
             "MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow"),
             "MLFLOW_S3_ENDPOINT_URL": self.urls["AWS_ENDPOINT_URL"],
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
+            **TELEMETRY_OFF,
             **self.s3_env(),
         }
         process = self._spawn("mlflow", [
@@ -343,8 +347,7 @@ class LocalStack:
         env = {
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url("prefect", "postgresql+asyncpg"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1",
+            **TELEMETRY_OFF,
             "PREFECT_API_URL": self.urls["PREFECT_API_URL"],
         }
         process = self._spawn("prefect", [

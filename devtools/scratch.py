@@ -14,25 +14,34 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-# A shapes world small enough that the whole pipeline runs in minutes on a CPU; merged into
-# a scratch project's conf/config.yaml.
-TINY_CONFIG = {
-    "dataset": {
-        "shapes": {
-            "colors": ["red", "green", "blue"],
-            "shapes": ["circle", "square", "triangle"],
-            "holdout_pairs": ["green square"],
-            "train_per_class": 6,
-            "test_per_class": 3,
-            "pretrain_per_class": 6,
-        }
-    },
-    "split": {"n_tasks": 2},
-    "backbone": {"pretrain": {"epochs": 1, "batch_size": 16, "warmup_steps": 1}},
-    "embed": {"batch_size": 8, "num_workers": 0, "chunk_size": 10},
-    "generator": {"hidden": 16, "latent": 4, "epochs": 3, "batch_size": 4},
-    "method": {"prompt": {"epochs": 2, "batch_size": 16, "per_class_per_epoch": 8}},
-}
+# The tiny world (conf/experiment/tiny.yaml): its values, merged into a scratch project's
+# conf/config.yaml, and as Hydra overrides for tests that compose in-process.
+TINY_EXPERIMENT = CHECKOUT / "conf/experiment/tiny.yaml"
+
+
+def tiny_config() -> dict:
+    """The tiny experiment's values (its group choices are the demo's, already the default)."""
+    import yaml
+
+    values = yaml.safe_load(TINY_EXPERIMENT.read_text())
+    values.pop("defaults", None)
+    return values
+
+
+def as_overrides(values: dict, prefix: str = "") -> list[str]:
+    """Nested config values as Hydra overrides (``a.b=1``, ``a.c=[x,y z]``)."""
+    overrides = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            overrides += as_overrides(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            overrides.append(f"{prefix}{key}=[{','.join(map(str, value))}]")
+        else:
+            overrides.append(f"{prefix}{key}={value}")
+    return overrides
+
+
+TINY_CONFIG = tiny_config()
 
 
 def merge_config(into: dict, update: dict) -> None:

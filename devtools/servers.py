@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.compat import TELEMETRY_OFF
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,14 +64,40 @@ def moto_server(log_dir: str | Path, env: dict[str, str] | None = None, timeout:
         stop(server)
 
 
+@contextlib.contextmanager
+def mlflow_server(store: str | Path, backend_store_uri: str | None = None, timeout: float = 180) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port, one worker, job execution off (it
+    would fork ~7 workers); yields its URI. Backend: ``backend_store_uri``, else sqlite under
+    ``store``; artifacts proxied into ``store``/artifacts; its log in ``store``."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = store / f"mlflow-server-{port}.log"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_store_uri or f"sqlite:///{store / 'server.db'}",
+             "--artifacts-destination", str(store / "artifacts")],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", "mlflow server", log_path, lambda: server.poll() is None, timeout)
+        yield uri
+    finally:
+        stop(server)
+
+
 def prefect_env(home: str | Path, api_url: str | None = None, ui: bool = False) -> dict[str, str]:
     """Environment for Prefect programs of a local stack: state under ``home`` (a sqlite
     database), never ~/.prefect, and no telemetry."""
     env = {
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{Path(home) / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
+        **TELEMETRY_OFF,
         # Tests need no UI, and serving it costs seconds at start.
         "PREFECT_UI_ENABLED": "true" if ui else "false",
     }

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the checkout's pipeline package
 
 from devtools.servers import prefect_env, start_prefect_server, stop
+from pipeline.compat import disable_telemetry  # noqa: E402
 
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}.items():
-    os.environ.setdefault(_key, _value)
+disable_telemetry()
 
 
 def find_run(routing: str):

@@ -10,24 +10,19 @@ Needs Debian's `chromium` and `chromium-driver` packages and `pip install seleni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the checkout's packages
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from devtools.servers import mlflow_server  # noqa: E402
 
 
 def main() -> None:
@@ -52,14 +47,8 @@ def main() -> None:
         key=lambda r: int(r.data.tags["recall.task"]),
     )
 
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", args.store,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = contextlib.ExitStack()
+    base = server.enter_context(mlflow_server(Path(tempfile.mkdtemp()), backend_store_uri=args.store))
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1000"):
@@ -99,7 +88,7 @@ def main() -> None:
     finally:
         if driver is not None:
             driver.quit()
-        os.killpg(server.pid, signal.SIGTERM)
+        server.close()
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def tracking_uri(project_dir: str | Path) -> str:
 
 def evaluation_file(project_dir: str | Path, key: str) -> Path:
     """The evaluate stage's output for the task with foreach key ``key`` ("03")."""
-    return Path(project_dir) / project_config(project_dir).paths.evaluations / f"task-{key}.json"
+    from pipeline.config.task_chain import task_stem
+
+    return Path(project_dir) / project_config(project_dir).paths.evaluations / f"{task_stem(int(key))}.json"
 
 
 def _client(uri: str):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 
-_TELEMETRY_OFF = {
+# Every program Recall starts or runs in gets these (the one telemetry switch; the Makefile and
+# infra/ set the same variables for programs started outside Python).
+TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
@@ -20,7 +22,7 @@ _TELEMETRY_OFF = {
 
 
 def disable_telemetry() -> None:
-    for key, value in _TELEMETRY_OFF.items():
+    for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
 
 

@@ -25,3 +25,20 @@ def exit_code_of(exc: BaseException) -> int:
     """75 for a server that does not answer (checked first: an unreachable source is also a
     source error), 2 for any other error the user caused."""
     return UNAVAILABLE_EXIT_CODE if isinstance(exc, Unavailable) else BAD_INPUT_EXIT_CODE
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a message or a log: any user:password part becomes ``***@`` and any
+    query (where a presigned URL keeps its signature) ``***``. The one redaction rule."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
+
+
+def redact_urls_in(text: str) -> str:
+    """Free text (an exception's message) with every URL in it passed through :func:`redact_url`."""
+    import re
+
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+", lambda m: redact_url(m.group(0)), text)

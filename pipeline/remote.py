@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact_url
 
 DEFAULT_NAME = "storage"
 
@@ -58,20 +58,12 @@ class RemoteSpec:
         return urlsplit(self.url).netloc if self.is_s3 else None
 
 
-def redact(url: str) -> str:
-    """``url`` without its user:password part and query (where a presigned URL keeps its
-    credentials), so an error never repeats a secret."""
-    parts = urlsplit(url)
-    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
-    return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
-
-
 def _refuse_embedded_credentials(url: str, what: str) -> None:
     parts = urlsplit(url)
     query = parts.query.lower()
     if "@" in parts.netloc or any(k in query for k in ("credential", "signature", "secret", "token", "key=")):
         raise RemoteError(
-            f"{what} {redact(url)} carries credentials; credentials are never stored in the repo: "
+            f"{what} {redact_url(url)} carries credentials; credentials are never stored in the repo: "
             "give them through the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
         )
 

@@ -9,43 +9,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-for key, value in {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-}.items():
-    os.environ[key] = value
+from devtools.scratch import TINY_CONFIG, as_overrides  # noqa: E402
+from pipeline.compat import TELEMETRY_OFF  # noqa: E402
+
+os.environ.update({**TELEMETRY_OFF, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RECALL_PIPELINE_RUN", None)
 
-# A world small enough for a test: 3 colours x 3 shapes, one held-out pair.
-TINY = [
-    "dataset.shapes.colors=[red,green,blue]",
-    "dataset.shapes.shapes=[circle,square,triangle]",
-    "dataset.shapes.holdout_pairs=[green square]",
-    "dataset.shapes.train_per_class=6",
-    "dataset.shapes.test_per_class=3",
-    "dataset.shapes.pretrain_per_class=6",
-    "split.n_tasks=3",
-    "backbone.pretrain.epochs=1",
-    "backbone.pretrain.batch_size=16",
-    "backbone.pretrain.warmup_steps=1",
-    "embed.batch_size=8",
-    "embed.num_workers=0",
-    "embed.chunk_size=10",
-    "generator.hidden=16",
-    "generator.latent=4",
-    "generator.epochs=3",
-    "generator.batch_size=4",
-    "method.prompt.epochs=2",
-    "method.prompt.batch_size=16",
-    "method.prompt.per_class_per_epoch=8",
-    # Logging a pyfunc model costs seconds per evaluation; tests of the registry turn it on.
-    "tracking.register_classifier=false",
-]
+# The tiny world (conf/experiment/tiny.yaml) in 3 tasks. Logging a pyfunc model costs seconds
+# per evaluation; tests of the registry turn it on.
+TINY = as_overrides({**TINY_CONFIG, "split": {"n_tasks": 3}}) + ["tracking.register_classifier=false"]
 
 
 @pytest.fixture
@@ -151,29 +124,11 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifact
     store under tmp_path), stopped by PID afterwards. Yields (uri, artifacts folder)."""
-    import signal
-    import subprocess
+    from devtools import servers
 
-    port = free_port()
     store = tmp_path / "mlflow-server"
-    store.mkdir()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{venv_bin()}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [str(venv_bin() / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'server.db'}", "--artifacts-destination", str(store / "artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", server, "mlflow server")
+    with servers.mlflow_server(store) as uri:
         yield uri, store / "artifacts"
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

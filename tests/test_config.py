@@ -197,3 +197,17 @@ def test_a_hand_edited_task_chain_is_refused(project, tmp_path):
     raw["split"]["tasks"]["01"]["train"] = "elsewhere"
     with pytest.raises(ConfigError, match="split.tasks must be the chain"):
         config.validate(raw)
+
+
+def test_the_tiny_world_is_one_config_shared_by_tests_and_scratch_projects():
+    """`experiment=tiny` is what scratch projects merge and what in-process tests override
+    with: one definition, valid as a config of its own."""
+    from conftest import TINY
+
+    from devtools.scratch import TINY_CONFIG, as_overrides
+    from pipeline import config
+
+    tiny = config.load(None, ["experiment=tiny"])
+    assert tiny.split.n_tasks == 2 and tiny.dataset.shapes.colors == ["red", "green", "blue"]
+    assert config.compose(["experiment=tiny"]) == config.compose(as_overrides(TINY_CONFIG))
+    assert set(as_overrides(TINY_CONFIG)) - set(TINY) == {"split.n_tasks=2"}

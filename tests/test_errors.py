@@ -60,3 +60,13 @@ def test_the_cli_exits_with_the_errors_code(monkeypatch, error, code):
     result = CliRunner().invoke(cli.app, ["summary"])
     assert result.exit_code == code
     assert "what went wrong, named" in result.output
+
+
+def test_one_redaction_rule_for_every_url_in_a_message():
+    from pipeline.errors import redact_url, redact_urls_in
+
+    assert redact_url("http://user:secret@127.0.0.1:5000/api") == "http://***@127.0.0.1:5000/api"
+    assert redact_url("https://bucket.s3.example/key?X-Amz-Signature=abc") == "https://bucket.s3.example/key?***"
+    assert redact_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    text = redact_urls_in("lost http://u:p@a.example/x, then s3://k:s@bucket/p?token=t")
+    assert "secret" not in text and ":p@" not in text and "token" not in text and "***@a.example/x" in text

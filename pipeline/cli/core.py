@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from pipeline.compat import disable_telemetry
+from pipeline.errors import redact_urls_in
 
 APP_HELP = """``recall``: run one pipeline step from the command line (what dvc.yaml calls).
 
@@ -27,10 +28,7 @@ _verbose = False
 
 def _one_line(exc: BaseException) -> str:
     """An unexpected exception as one line, credentials in URLs masked."""
-    import re
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = re.sub(r"://[^/@\s]+@", "://***@", text)
+    text = redact_urls_in(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     if len(text) > 300:
         text = text[:300] + " ..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -6,6 +6,9 @@ Image embeddings are stored raw (not normalised) in bounded chunks,
 They depend on (dataset, split, backbone weights) only: class order and method never
 enter, so one cache serves every experiment. Each file carries the sha256 of the backbone
 weights that made it, and readers refuse files made with other weights.
+
+One module, over 400 lines: image decoding, batching, sharded scale-out and the chunked
+file format are one path from images to an embeddings folder and are read together.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def task_stem(task: int) -> str:
+    """``task-NN``: the stem every per-task file, folder and run name is built from."""
+    return f"task-{int(task):02d}"
+
+
 def mode_of(dataset_name: str) -> str:
     return "stream" if dataset_name == "stream" else "benchmark"
 
@@ -38,15 +43,15 @@ def task_chain(
     chain = {}
     for t in range(1, n + 1):
         key = f"{t:02d}"
-        own = f"{embeddings}/task-{key}"
+        own = f"{embeddings}/{task_stem(t)}"
         chain[key] = {
             "task": t,
             "previous": f"{t - 1:02d}",
-            "classes": f"{tasks}/task-{key}.json" if stream else split,
+            "classes": f"{tasks}/{task_stem(t)}.json" if stream else split,
             "train": f"{own}/train" if stream else f"{embeddings}/train",
             "test": f"{own}/test" if stream else f"{embeddings}/test",
             "text": f"{own}/text.safetensors" if stream else f"{embeddings}/text.safetensors",
-            "after": f"{evaluations}/task-{t - 1:02d}.json" if t > 1 else f"{prompts}/task-00.safetensors",
+            "after": f"{evaluations}/{task_stem(t - 1)}.json" if t > 1 else f"{prompts}/{task_stem(0)}.safetensors",
         }
     return chain
 

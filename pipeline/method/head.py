@@ -14,6 +14,9 @@ drawn afresh for every batch (common random numbers: each image's estimate stays
 the closed-form logits below need no per-image noise). At inference the noise of class ``c``
 is drawn from ``(seed, c)`` alone, so a prediction is a deterministic function of the image
 and the seed, whatever else shares its batch.
+
+One module, over 400 lines: the head's layers, its losses and its training loop share
+private shapes (per-task encoders, sample axes) that splitting would expose.
 """
 
 from __future__ import annotations

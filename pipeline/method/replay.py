@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -118,6 +117,3 @@ class ReplaySampler:
                 tensors.update(key.encode())
                 tensors.update(bank.tensors[key].float().contiguous().numpy().tobytes())
         return hashlib.sha256(("|".join(parts) + f"|{self.per_class}|" + tensors.hexdigest()).encode()).hexdigest()
-
-
-EpochDraw = Callable[[int], tuple[torch.Tensor, torch.Tensor]]

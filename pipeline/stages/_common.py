@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
+from pipeline.config.task_chain import task_stem
 from pipeline.errors import UserError
 from pipeline.stages import task_inputs as tasks_lib
 from pipeline.stages.task_inputs import TaskInputs
@@ -28,7 +29,7 @@ def set_torch_threads() -> None:
 
 
 def task_file(folder: str, task: int, suffix: str = ".safetensors") -> Path:
-    return Path(folder) / f"task-{task:02d}{suffix}"
+    return Path(folder) / f"{task_stem(task)}{suffix}"
 
 
 class TaskInputError(UserError):

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config.task_chain import task_stem
 from pipeline.data.prepare import DataError
 from pipeline.io import atomic_path
 from pipeline.stream.sources import S3Source
@@ -68,7 +69,7 @@ def ledger_text(entries: list[dict[str, Any]]) -> str:
 
 
 def task_manifest_path(tasks_dir: str | Path, task: int) -> Path:
-    return Path(tasks_dir) / f"task-{task:02d}.json"
+    return Path(tasks_dir) / f"{task_stem(task)}.json"
 
 
 def manifest_text(manifest: dict[str, Any]) -> str:

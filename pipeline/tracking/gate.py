@@ -27,6 +27,9 @@ champion on what both can be asked (design section 6):
 Every move of the alias, by the gate or by ``recall rollback``, is one tag on the registered
 model, ``recall.champion.move.<n>`` (``n`` counts from 1): from which version to which, when,
 why, and by which run or user. One bounded tag per move: none grows with the tasks.
+
+One module, over 400 lines: the gate's checks, the decision they make and the champion's
+move history (promotion, `recall champion`, `recall rollback`) are one state machine.
 """
 
 from __future__ import annotations

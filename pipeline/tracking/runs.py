@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.compat import disable_telemetry
 from pipeline.config import Config
+from pipeline.config.task_chain import task_stem
 from pipeline.tracking.lineage import experiment_name
 from pipeline.tracking.server import (
     LOCAL_ARTIFACTS,
@@ -260,7 +261,7 @@ class Tracker:
 
     @contextlib.contextmanager
     def step(self, name: str, task: int | None = None, params: Mapping[str, Any] | None = None) -> Iterator[StepRun]:
-        run_name = f"task-{task:02d}/{name}" if task is not None else name
+        run_name = f"{task_stem(task)}/{name}" if task is not None else name
         during = f"step {run_name}"
         with self.server_errors(during):
             parent = self.parent_run_id()

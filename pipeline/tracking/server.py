@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import Unavailable
+from pipeline.errors import Unavailable, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,6 @@ def tracking_uri_origin(cfg: Config) -> str:
 
 class TrackingServerError(Unavailable):
     """The MLflow tracking server a step needs does not answer (the CLI exits 75: try later)."""
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without any user:password part, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # MLflow's own bounds on each REST request it makes (its defaults: 7 retries with backoff
@@ -136,16 +124,16 @@ def check_tracking_server(uri: str, tracking, origin: str = "tracking.uri or MLF
             reason = _probe(url, tracking.connect_timeout_s)
         except _NotMlflow:
             raise TrackingServerError(
-                f"{redact_uri(uri)} (from {origin}) answers, but not as an MLflow tracking server "
+                f"{redact_url(uri)} (from {origin}) answers, but not as an MLflow tracking server "
                 "(HTTP 404 for /health); check the host, port and any path prefix in the URI"
             ) from None
         if reason is None:
             return
-        log.debug("MLflow server %s: try %d of %d: %s", redact_uri(uri), attempt + 1, tries, reason)
+        log.debug("MLflow server %s: try %d of %d: %s", redact_url(uri), attempt + 1, tries, reason)
         if attempt + 1 < tries:
             time.sleep(tracking.retry_backoff_s * 2**attempt)
     raise TrackingServerError(
-        f"MLflow tracking server {redact_uri(uri)} (from {origin}) does not answer: {reason} "
+        f"MLflow tracking server {redact_url(uri)} (from {origin}) does not answer: {reason} "
         f"({tries} {'try' if tries == 1 else 'tries'} in {time.monotonic() - started:.0f} s). Start it (`make stack` runs one on this "
         "machine), or point tracking.uri / MLFLOW_TRACKING_URI at a running server, or unset both "
         "for the local sqlite store"
@@ -184,7 +172,7 @@ def lost_server_error(exc: BaseException, uri: str, tracking, origin: str, durin
     if reason is None:
         return None
     return TrackingServerError(
-        f"MLflow tracking server {redact_uri(uri)} (from {origin}) stopped answering during {during}: {reason}. "
+        f"MLflow tracking server {redact_url(uri)} (from {origin}) stopped answering during {during}: {reason}. "
         "Start it again (`make stack` runs one on this machine) or point tracking.uri / MLFLOW_TRACKING_URI at "
         "a running server, then rerun `recall update` or `dvc repro`: it resumes at this stage, and a model "
         "version registered before the failure is reused, not registered twice"
