@@ -2,23 +2,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from support.common import TINY
+from support.projects import make_project
+from support.stream import STREAM_TINY
 
 REPO = Path(__file__).resolve().parent.parent
 
-from devtools.scratch import TINY_CONFIG, as_overrides  # noqa: E402
 from pipeline.compat import TELEMETRY_OFF  # noqa: E402
 
 os.environ.update({**TELEMETRY_OFF, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RECALL_PIPELINE_RUN", None)
 
-# The tiny world (conf/experiment/tiny.yaml) in 3 tasks. Logging a pyfunc model costs seconds
-# per evaluation; tests of the registry turn it on.
-TINY = as_overrides({**TINY_CONFIG, "split": {"n_tasks": 3}}) + ["tracking.register_classifier=false"]
 
 
 @pytest.fixture
@@ -77,47 +75,12 @@ def world(tiny_world, tmp_path, monkeypatch):
     return config.load(None, TINY)
 
 
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
 
 
-def wait_for_http(url: str, process, what: str, timeout: float = 180) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's stderr if it dies first."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start: {process.stderr.read().decode()[-2000:]}")
-        time.sleep(0.5)
 
 
-def run_task(cfg, task: int) -> dict:
-    """One task's steps in the order the DVC stages run them; returns the evaluation."""
-    from pipeline.stages.evaluate import run_evaluate
-    from pipeline.stages.finetune import run_finetune
-    from pipeline.stages.generators import run_fit_generators
-    from pipeline.stages.replay import run_init_replay, run_replay
-
-    run_fit_generators(cfg, task)
-    if task == 1:
-        run_init_replay(cfg)
-    run_replay(cfg, task)
-    run_finetune(cfg, task)
-    return run_evaluate(cfg, task)
 
 
-def free_port() -> int:
-    from devtools.servers import free_port as pick
-
-    return pick()
 
 
 @pytest.fixture
@@ -135,3 +98,13 @@ def mlflow_server(tmp_path):
 def _no_inherited_tracking_uri(monkeypatch):
     """Each test starts on its own local store unless it points somewhere itself."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def stream_repo(tmp_path) -> tuple[Path, Path]:
+    """The project in stream mode (the tiny demo world as its demo backbone's), with an
+    empty folder source; returns (repo, source)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    root = make_project(tmp_path / "repo", STREAM_TINY, "experiment=stream_demo", f"dataset.source={source}")
+    return root, source

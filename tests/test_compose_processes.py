@@ -33,7 +33,7 @@ from typing import Mapping
 
 import pytest
 import yaml
-from conftest import REPO, free_port
+from support.common import REPO, free_port
 
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
@@ -396,10 +396,8 @@ def test_the_compose_stack_as_processes_runs_an_update_on_a_batch(tmp_path, monk
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-    from test_pipeline_dvc import _sh
-    from test_remote import upload_batch
-    from test_update_loop import SETUP, STREAM_TINY
-    from test_update_loop import _task_stages as _task
+    from support.projects import sh
+    from support.stream import SETUP, STREAM_TINY, task_stages, upload_batch
 
     from devtools.localstack import LocalStack, _postgres_bindir
     from devtools.scratch import scratch_project
@@ -425,11 +423,11 @@ def test_the_compose_stack_as_processes_runs_an_update_on_a_batch(tmp_path, monk
     overrides = ["experiment=stream_demo", f"dataset.source={source}", f"dataset.ledger_uri={ledger}"]
     checkout = scratch_project(tmp_path / "checkout", STREAM_TINY, compose=overrides,
                                folders=("pipeline", "conf", "flows"), files=("dvc.yaml", ".gitignore", "prefect.yaml"))
-    _sh(checkout, "recall", "remote", remote, "--endpoint-url", s3_endpoint, "--no-check")  # the S3 API starts below
-    _sh(checkout, "git", "add", "-A")
-    _sh(checkout, "git", "commit", "-qm", "the team's remote")
+    sh(checkout, "recall", "remote", remote, "--endpoint-url", s3_endpoint, "--no-check")  # the S3 API starts below
+    sh(checkout, "git", "add", "-A")
+    sh(checkout, "git", "commit", "-qm", "the team's remote")
     batches = tmp_path / "producer"
-    _sh(checkout, "recall", "stream-demo", str(batches), "--batches", "1")
+    sh(checkout, "recall", "stream-demo", str(batches), "--batches", "1")
 
     rewriter = HostRewriter(ports, checkout, REPO, scratch)
     # The image's environment: its ENV, its user's home, its programs; PYTHONPATH for its
@@ -520,7 +518,7 @@ def test_the_compose_stack_as_processes_runs_an_update_on_a_batch(tmp_path, monk
         with temporary_settings(api), get_client(sync_client=True) as client:
             steps = [r for r in client.read_flow_runs(limit=200) if r.parameters.get("pipeline_run") == str(run.id)]
         assert all(r.state.is_completed() for r in steps)
-        assert sorted(s for r in steps for s in r.parameters["stages"]) == sorted(SETUP | _task(1) | {"report"})
+        assert sorted(s for r in steps for s in r.parameters["stages"]) == sorted(SETUP | task_stages(1) | {"report"})
         assert {r.work_pool_name for r in steps} == {"cpu", "gpu"}, "both workers picked up stages"
         # The stages ran in the mounted checkout, and its outputs went to the shared remote.
         assert (checkout / "dvc.lock").exists()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO
+from support.common import REPO
 
 from pipeline import config
 from pipeline.config import ConfigError
@@ -202,7 +202,7 @@ def test_a_hand_edited_task_chain_is_refused(project, tmp_path):
 def test_the_tiny_world_is_one_config_shared_by_tests_and_scratch_projects():
     """`experiment=tiny` is what scratch projects merge and what in-process tests override
     with: one definition, valid as a config of its own."""
-    from conftest import TINY
+    from support.common import TINY
 
     from devtools.scratch import TINY_CONFIG, as_overrides
     from pipeline import config

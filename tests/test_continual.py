@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_task
+from support.common import run_task
 
 from pipeline.clip import backbone as backbone_lib
 from pipeline.clip import embedding as embed_lib
@@ -92,7 +92,7 @@ def test_replay_draws_fresh_samples_each_epoch_reproducibly(world):
 
 
 def _with_method(name: str, *extra: str):
-    from conftest import TINY
+    from support.common import TINY
 
     from pipeline import config
 
@@ -320,7 +320,7 @@ def test_a_prompt_state_without_a_head_is_named(world):
 
 
 def test_a_benchmark_with_one_class_per_task_runs(world):
-    from conftest import TINY
+    from support.common import TINY
 
     from pipeline import config
 

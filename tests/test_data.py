@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from PIL import Image
+from support.common import TINY
 
 from pipeline import config
 from pipeline.data import DataError, DatasetUnavailable, prepare_dataset

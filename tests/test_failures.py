@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, free_port, venv_bin
+from support.common import REPO, TINY, free_port, venv_bin
 
 
 def _recall(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120):

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, venv_bin
-from test_pipeline_dvc import _env, _ran, _sh, make_project
-from test_update_loop import SETUP, STREAM_TINY, _classifier_versions, _task_stages
+from support.common import REPO, free_port, venv_bin
+from support.projects import make_project, sh, stages_ran
+from support.stream import SETUP, STREAM_TINY, classifier_versions, task_stages
+
+from devtools.scratch import project_env
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +184,7 @@ def test_mlflow_server_lost_after_registering_a_version_then_back(tmp_path, monk
     port, server_port = free_port(), free_port()
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    _sh(root, "recall", "stream-demo", str(source), "--batches", "3", "--next")
+    sh(root, "recall", "stream-demo", str(source), "--batches", "3", "--next")
 
     server = _start_mlflow(server_port, store)
     relay = _Relay(port, server_port, on_cut=lambda first=server: _stop(first))
@@ -190,7 +192,7 @@ def test_mlflow_server_lost_after_registering_a_version_then_back(tmp_path, monk
     seen = []
     try:
         update = subprocess.Popen(
-            ["recall", "update"], cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            ["recall", "update"], cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )
         watchdog = threading.Timer(900, lambda: _stop(update))
@@ -215,8 +217,8 @@ def test_mlflow_server_lost_after_registering_a_version_then_back(tmp_path, monk
     assert update.returncode != 0, output
     # Bounded: MLflow's one retry of a refused connection, the step's exit, DVC's.
     assert ended - relay.cut_at < 60, f"{ended - relay.cut_at:.0f} s after the server stopped"
-    completed = SETUP | _task_stages(1) - {"evaluate@01"}
-    assert _ran(output) == completed | {"evaluate@01"}, output
+    completed = SETUP | task_stages(1) - {"evaluate@01"}
+    assert stages_ran(output) == completed | {"evaluate@01"}, output
     # One line says what happened and what to do; DVC adds which stage failed.
     errors = [line for line in output.splitlines() if line.lower().startswith("error")]
     assert len(errors) == 2 and errors[1].startswith("ERROR: failed to reproduce 'evaluate@01'"), output
@@ -230,7 +232,7 @@ def test_mlflow_server_lost_after_registering_a_version_then_back(tmp_path, monk
     # Every stage before the interrupted one is recorded and its outputs are as recorded.
     outs = _lock_outs(root)
     assert set(outs) == completed, sorted(outs)
-    status = json.loads(_sh(root, "dvc", "status", "--json").stdout)
+    status = json.loads(sh(root, "dvc", "status", "--json").stdout)
     assert {name.rsplit(":", 1)[-1] for name in status} <= {"evaluate@01", "report"}, status
     before = _tree_digests(root, [path for paths in outs.values() for path in paths])
 
@@ -238,11 +240,11 @@ def test_mlflow_server_lost_after_registering_a_version_then_back(tmp_path, monk
     server = _start_mlflow(server_port, store)
     relay = _Relay(port, server_port)
     try:
-        resumed = _sh(root, "recall", "update")
-        assert _ran(resumed.stdout) == {"evaluate@01", "report"}, resumed.stdout
+        resumed = sh(root, "recall", "update")
+        assert stages_ran(resumed.stdout) == {"evaluate@01", "report"}, resumed.stdout
         assert _tree_digests(root, list(before)) == before
-        assert "up to date" in _sh(root, "dvc", "status").stdout
-        versions = _classifier_versions(root)
+        assert "up to date" in sh(root, "dvc", "status").stdout
+        versions = classifier_versions(root)
         # The version registered before the fault is the one and only: the retry found it
         # by its inputs and finished its gate decision.
         assert len(versions) == 1, [(v.version, v.tags) for v in versions]

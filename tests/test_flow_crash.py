@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_flows import DVC, _tiny_project
+from support.flows import DVC, tiny_project
 
 from flows import stages as dvc_stages
 from flows.local import CRASH_AUTOMATION, GPU_LIMIT, HEARTBEAT_SECONDS, POOLS, crash_automation
@@ -28,7 +28,7 @@ KILLED_STAGE = "finetune@01"
 
 
 def test_crash_automation_needs_a_window_longer_than_the_heartbeat_and_matches_prefect_yaml():
-    from conftest import REPO
+    from support.common import REPO
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
@@ -124,7 +124,7 @@ def test_killed_worker_crashes_its_flow_run_and_a_new_run_resumes_at_the_killed_
     from flows.local import configure, stack_env, start_worker
 
     started = time.monotonic()
-    repo = _tiny_project(tmp_path / "repo")
+    repo = tiny_project(tmp_path / "repo")
     home = tmp_path / "prefect"
     workers: dict[str, subprocess.Popen] = {}
     spawned: set[psutil.Process] = set()  # everything seen under a worker, stopped by PID at the end

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, venv_bin
+from support.common import REPO
+from support.flows import DVC, tiny_project
 
 from flows import bucket_events, reporting
 from flows import stages as dvc_stages
 from flows.stages import Pipeline, StageBadInput, StageSetupError, StageTransientError
-
-DVC = str(venv_bin() / "dvc")
 
 
 def _toy_repo(root: Path, dvc_yaml: str) -> Path:
@@ -480,7 +479,7 @@ class TestFlowRuns:
         already in the ledger; so the failure itself shows there was none.)"""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-        from test_stream import write_batch_with_a_one_image_class
+        from support.stream import write_batch_with_a_one_image_class
 
         from flows import recall_flows
 
@@ -599,16 +598,6 @@ def test_workers_of_both_stacks_poll_every_few_seconds_unless_told_otherwise(tmp
 # ------------------------------------------------------------------ end to end
 
 
-def _tiny_project(root: Path) -> Path:
-    """The project (code, conf, dvc.yaml, prefect.yaml) shrunk to the tiny world, under git
-    + DVC; params.yaml is the flow run's to compose."""
-    from devtools.scratch import TINY_CONFIG, merge_config, scratch_project
-
-    config = json.loads(json.dumps(TINY_CONFIG))
-    # One task: every kind of stage runs once (the per-task chain is test_pipeline_dvc's).
-    merge_config(config, {"split": {"n_tasks": 1}})
-    return scratch_project(root, config, folders=("pipeline", "conf", "flows"),
-                           files=("dvc.yaml", "prefect.yaml", ".gitignore"))
 
 
 def _notify_ready_batch(repo: Path, env: dict, log_dir: Path, api_url: str, timeout: float = 60) -> list:
@@ -671,7 +660,7 @@ def test_benchmark_deployment_runs_the_demo_with_gpu_stages_on_the_gpu_pool(tmp_
     from flows.local import POOLS, configure, stack_env, start_worker
 
     started = time.monotonic()
-    repo = _tiny_project(tmp_path / "repo")
+    repo = tiny_project(tmp_path / "repo")
     home = tmp_path / "prefect"
     with prefect_server(home) as api_url:
         env = stack_env(home, api_url, repo, {

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import REPO
+from support.common import REPO
 
 INFRA = REPO / "infra"
 POOLS = {"cpu", "gpu"}

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import venv_bin
+from support.common import venv_bin
+from support.projects import kill_during, make_project, sh, stages_ran
 
-from devtools.scratch import TINY_CONFIG, project_env, scratch_project
+from devtools.scratch import TINY_CONFIG, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,20 +26,10 @@ ALL_STAGES = {"prepare", "split", "backbone", "embed@train", "embed@test", "embe
 
 
 # The commands of a scratch project: its own code, the venv's programs.
-_env = project_env
 
 
-def _sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
-def make_project(root: Path, config_update: dict, *compose_overrides: str) -> Path:
-    """A copy of the project (code, conf, dvc.yaml) with ``config_update`` merged into
-    conf/config.yaml, its params composed with ``compose_overrides``, under git + DVC."""
-    return scratch_project(root, config_update, compose=list(compose_overrides))
 
 
 @pytest.fixture
@@ -47,16 +38,14 @@ def repo(tmp_path) -> Path:
     return make_project(tmp_path / "repo", TINY_CONFIG)
 
 
-def _ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
 def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     # Tracked on a real MLflow server: every step process finds it through the environment.
     server_uri, server_artifacts = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
-    first = _sh(repo, "dvc", "repro")
-    assert _ran(first.stdout) == ALL_STAGES
+    first = sh(repo, "dvc", "repro")
+    assert stages_ran(first.stdout) == ALL_STAGES
     assert "per-step accuracy" in first.stdout
     for path in ("data/prepared/classes.json", "data/split.json", "models/backbone/weights.safetensors",
                  "data/embeddings/train/index.json", "data/embeddings/test/index.json",
@@ -67,11 +56,11 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     metrics = json.loads((repo / "metrics/backbone.json").read_text())
     assert {"zeroshot_acc_pretrain_pairs", "zeroshot_acc_heldout_pairs", "chance"} <= set(metrics)
 
-    second = _sh(repo, "dvc", "repro")
-    assert _ran(second.stdout) == set()
-    assert "up to date" in _sh(repo, "dvc", "status").stdout
+    second = sh(repo, "dvc", "repro")
+    assert stages_ran(second.stdout) == set()
+    assert "up to date" in sh(repo, "dvc", "status").stdout
 
-    shown = _sh(repo, "dvc", "metrics", "show", "--json").stdout
+    shown = sh(repo, "dvc", "metrics", "show", "--json").stdout
     assert "zeroshot_acc_heldout_pairs" in shown and "average_incremental_accuracy" in shown
 
     # A prompt parameter re-runs the prompt steps only: no embedding, no generator. Task 2's
@@ -80,28 +69,28 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["method"]["prompt"]["lr"] = 0.01
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = _sh(repo, "dvc", "repro")
-    assert _ran(changed.stdout) == {"prompts-init", "novelty@02", "report"} | {
+    changed = sh(repo, "dvc", "repro")
+    assert stages_ran(changed.stdout) == {"prompts-init", "novelty@02", "report"} | {
         f"{step}@{task:02d}" for step in ("finetune", "evaluate") for task in TASKS
     }
     # A generator parameter re-runs generators and what follows, but no embedding.
     params["generator"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = _sh(repo, "dvc", "repro")
-    assert not any(s.startswith("embed") or s in ("prepare", "backbone") for s in _ran(changed.stdout))
-    assert "generators@01" in _ran(changed.stdout)
+    changed = sh(repo, "dvc", "repro")
+    assert not any(s.startswith("embed") or s in ("prepare", "backbone") for s in stages_ran(changed.stdout))
+    assert "generators@01" in stages_ran(changed.stdout)
 
     # A new seed changes the class order: the split re-runs, no embedding stage does.
-    _sh(repo, "git", "add", "-A")
-    _sh(repo, "git", "commit", "-qm", "lock")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "lock")
     # Typed as the README writes it, by a user who did not activate the venv: the stages'
     # `recall` is found all the same.
-    bare = {**_env(repo), "PATH": os.defpath}
+    bare = {**project_env(repo), "PATH": os.defpath}
     exp = subprocess.run([str(venv_bin() / "dvc"), "exp", "run", "-S", "seed=1"], cwd=repo, env=bare,
                          capture_output=True, text=True, timeout=600)
     assert exp.returncode == 0, f"{exp.stdout}\n{exp.stderr}"
     # ... and so does everything per task (the tasks now hold other classes).
-    assert _ran(exp.stdout) == {"split", "prompts-init", "report"} | {
+    assert stages_ran(exp.stdout) == {"split", "prompts-init", "report"} | {
         f"{step}@{task:02d}" for step in PER_TASK for task in TASKS
     }
     assert json.loads((repo / "data/split.json").read_text())["seed"] == 1
@@ -148,34 +137,17 @@ def test_dvc_repro_runs_the_demo_then_nothing(repo, mlflow_server, monkeypatch):
     lineages = [m for m in client.search_registered_models() if m.name.endswith("-classifier")]
     assert len(lineages) == 4 and all({"task-1", "task-2", "champion"} <= set(m.aliases) for m in lineages)
     # The same experiment again registers nothing and moves no alias.
-    _sh(repo, "dvc", "exp", "run", "-S", "seed=1")
+    sh(repo, "dvc", "exp", "run", "-S", "seed=1")
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     assert client.get_registered_model(name).aliases == classifier.aliases
 
 
-def kill_during(root: Path, command: list[str], stage: str) -> str:
-    """Run ``command`` and kill -9 its whole process group a second into ``stage``; returns
-    the output seen until then."""
-    process = subprocess.Popen(
-        command, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if line.startswith(f"Running stage '{stage}'"):
-            time.sleep(1.0)
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert any(stage in line for line in seen), "".join(seen)
-    return "".join(seen)
 
 
 def test_interrupted_run_resumes_at_the_interrupted_task(repo):
     """Kill `dvc repro` while task 2 is being finetuned; the rerun starts there."""
     kill_during(repo, ["dvc", "repro"], "finetune@02")
-    rerun = _sh(repo, "dvc", "repro")
+    rerun = sh(repo, "dvc", "repro")
     ran = [line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")]
     assert ran[0] == "finetune@02", ran
     assert not {"finetune@01", "generators@01", "replay@01", "generators@02", "embed@train", "backbone"} & set(ran)
@@ -183,12 +155,12 @@ def test_interrupted_run_resumes_at_the_interrupted_task(repo):
 
 
 def test_killed_step_leaves_nothing_a_rerun_would_trust(repo):
-    _sh(repo, "recall", "prepare")
+    sh(repo, "recall", "prepare")
     before = (repo / "data/prepared/classes.json").read_text()
     # A much larger world takes long enough to be killed half-way through.
     process = subprocess.Popen(
         ["recall", "prepare", "dataset.shapes.train_per_class=3000"],
-        cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=repo, env=project_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list((repo / "data").glob(".prepared.*.tmp/images/train")):
@@ -199,5 +171,5 @@ def test_killed_step_leaves_nothing_a_rerun_would_trust(repo):
     process.wait()
     assert (repo / "data/prepared/classes.json").read_text() == before
     # A rerun replaces the leftovers and finishes.
-    _sh(repo, "recall", "prepare")
+    sh(repo, "recall", "prepare")
     assert not list((repo / "data").glob(".prepared*"))

@@ -23,7 +23,7 @@ CLASSES = ("golden_retriever", "tabby_cat", "red_fox")
 PER_CLASS = 3  # test_fraction 0.2: 2 train and 1 test image per class
 
 
-def _sh(root: Path, *cmd: str) -> str:
+def sh(root: Path, *cmd: str) -> str:
     import subprocess
 
     result = subprocess.run(cmd, cwd=root, env=project_env(root), capture_output=True, text=True, timeout=900)
@@ -68,7 +68,7 @@ def vit_repo(tmp_path_factory) -> Path:
                  "dataset=imagefolder", f"dataset.root={tmp / 'images'}"],
     )
     # Up to the first task's evaluation, whatever stages dvc.yaml puts before it.
-    _sh(repo, "dvc", "repro", "evaluate@01")
+    sh(repo, "dvc", "repro", "evaluate@01")
     return repo
 
 
@@ -123,7 +123,7 @@ def test_bf16_and_fp32_embedding_caches_load_and_agree(vit_repo):
     params["embed"]["precision"] = "bf16"
     (vit_repo / "params-bf16.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # The fp32 cache does not serve a bf16 request: the images are embedded again.
-    out = _sh(vit_repo, "recall", "embed", "--split", "test", "--params", "params-bf16.yaml")
+    out = sh(vit_repo, "recall", "embed", "--split", "test", "--params", "params-bf16.yaml")
     assert "(reused)" not in out, out
 
     sha = read_info(vit_repo / "models/backbone")["sha256"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_task
 from mlflow.tracking import MlflowClient
+from support.common import run_task
 
 from pipeline.data.split import load_split
 from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
@@ -24,7 +24,7 @@ EVERY_VERSION_PASSES_ON_ACCURACY = ["tracking.gate.max_task_drop=1.0", "tracking
 
 
 def _cfg(method: str, *extra: str):
-    from conftest import TINY
+    from support.common import TINY
 
     from pipeline import config
 
@@ -64,7 +64,7 @@ def test_a_named_lineage_gives_a_stable_name_without_pipeline_outputs(tiny_cfg):
 
 
 def test_a_lineage_name_must_be_a_plain_name(project):
-    from conftest import TINY
+    from support.common import TINY
 
     from pipeline import config
 

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
-from test_pipeline_dvc import _env, _ran
-from test_update_loop import stream_repo  # noqa: F401  (the tiny project in stream mode)
+from support.common import REPO, free_port
+from support.projects import stages_ran
+from support.stream import BUCKET, upload_batch
 from typer.testing import CliRunner
 
+from devtools.scratch import project_env
 from devtools.servers import moto_server
 
 # Sentinels standing in for real credentials: none of them may ever reach .dvc/config.
@@ -157,7 +158,7 @@ def test_remote_outside_a_dvc_project_says_so(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- two machines
 
-BUCKET = "recall-shared"
+
 # The stream from an S3 source: machine A runs task 1, machine B (a clone) task 2.
 TASK_1_AND_BEFORE = {
     "prepare", "split", "backbone", "prompts-init", "replay-init",
@@ -192,24 +193,19 @@ def _this_code_in_subprocesses(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
 
 
-def _sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
+def sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
     # Each checkout runs its own copy of the code, as a real machine would.
-    env = {**_env(root), "PYTHONPATH": str(root)}
+    env = {**project_env(root), "PYTHONPATH": str(root)}
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
-def upload_batch(client, folder: Path, batch: str, bucket: str = BUCKET) -> None:
-    """As a producer does: every image first, ``_READY`` last, under ``incoming/``."""
-    files = sorted(p for p in (folder / batch).rglob("*") if p.is_file() and p.name != "_READY")
-    for path in [*files, folder / batch / "_READY"]:
-        client.put_object(Bucket=bucket, Key=f"incoming/{path.relative_to(folder)}", Body=path.read_bytes())
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, s3_endpoint, mlflow_server, monkeypatch):  # noqa: F811
+def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, s3_endpoint, mlflow_server, monkeypatch):
     import boto3
 
     server_uri, _ = mlflow_server
@@ -217,31 +213,31 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, 
     machine_a, _ = stream_repo
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     batches = tmp_path / "batches"
-    _sh(machine_a, "recall", "stream-demo", str(batches), "--batches", "3")
+    sh(machine_a, "recall", "stream-demo", str(batches), "--batches", "3")
     # The stream's images and its authoritative ledger in the bucket. Registering a pyfunc
     # version per task costs seconds and is tested elsewhere.
-    _sh(machine_a, "recall", "compose-params", "experiment=stream_demo", f"dataset.source=s3://{BUCKET}/incoming",
+    sh(machine_a, "recall", "compose-params", "experiment=stream_demo", f"dataset.source=s3://{BUCKET}/incoming",
         f"dataset.endpoint_url={s3_endpoint}", f"dataset.ledger_uri=s3://{BUCKET}/recall-state/ledger",
         "tracking.register_classifier=false")
 
     # Machine A: point the project at the bucket, run task 1, share it.
-    configured = _sh(machine_a, "recall", "remote", f"s3://{BUCKET}/dvc", "--endpoint-url", s3_endpoint)
+    configured = sh(machine_a, "recall", "remote", f"s3://{BUCKET}/dvc", "--endpoint-url", s3_endpoint)
     push, pull = ("dvc push --run-cache", "dvc pull --run-cache --allow-missing")
     assert push in configured.stdout and pull in configured.stdout
-    _sh(machine_a, "git", "add", "-A")
-    _sh(machine_a, "git", "commit", "-qm", "shared remote")
+    sh(machine_a, "git", "add", "-A")
+    sh(machine_a, "git", "commit", "-qm", "shared remote")
     upload_batch(client, batches, "batch-001")
-    commit_a = _sh(machine_a, "git", "rev-parse", "HEAD").stdout.strip()
-    assert _ran(_sh(machine_a, "recall", "update").stdout) == TASK_1_AND_BEFORE
-    _sh(machine_a, *push.split())
+    commit_a = sh(machine_a, "git", "rev-parse", "HEAD").stdout.strip()
+    assert stages_ran(sh(machine_a, "recall", "update").stdout) == TASK_1_AND_BEFORE
+    sh(machine_a, *push.split())
     # dvc.lock, the ledger, the task manifest, params.yaml (its task count) and the `cache:
     # false` outputs (split, metrics, evaluations) that the remote does not hold: DVC
     # already git-ignores the cached ones, so `git add -A` is the habit.
-    _sh(machine_a, "git", "add", "-A")
-    _sh(machine_a, "git", "commit", "-qm", "task 1")
+    sh(machine_a, "git", "add", "-A")
+    sh(machine_a, "git", "commit", "-qm", "task 1")
     origin = tmp_path / "origin.git"
-    _sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
-    _sh(machine_a, "git", "push", "-q", str(origin), "HEAD:refs/heads/main")
+    sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
+    sh(machine_a, "git", "push", "-q", str(origin), "HEAD:refs/heads/main")
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any(k.startswith("dvc/files/md5/") for k in keys) and any(k.startswith("dvc/runs/") for k in keys), keys
@@ -250,16 +246,16 @@ def test_a_fresh_clone_pulls_task_1_and_runs_only_task_2(stream_repo, tmp_path, 
     # Machine B: nothing but a clone, the bucket and the MLflow server. Batch 2 lands, and
     # batch 1's images are deleted from the source: machine B never needs them.
     machine_b = tmp_path / "machine-b"
-    _sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(machine_b))
+    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(machine_b))
     assert not (machine_b / ".dvc" / "cache").exists()
-    _sh(machine_b, *pull.split())
+    sh(machine_b, *pull.split())
     upload_batch(client, batches, "batch-002")
     for key in [k for k in keys if k.startswith("incoming/batch-001/")]:
         client.delete_object(Bucket=BUCKET, Key=key)
-    commit_b = _sh(machine_b, "git", "rev-parse", "HEAD").stdout.strip()
-    rerun = _sh(machine_b, "recall", "update")
-    assert _ran(rerun.stdout) == TASK_2_AND_REPORT, rerun.stdout
-    assert "up to date" in _sh(machine_b, "dvc", "status").stdout
+    commit_b = sh(machine_b, "git", "rev-parse", "HEAD").stdout.strip()
+    rerun = sh(machine_b, "recall", "update")
+    assert stages_ran(rerun.stdout) == TASK_2_AND_REPORT, rerun.stdout
+    assert "up to date" in sh(machine_b, "dvc", "status").stdout
     assert (machine_b / "metrics" / "report.json").exists()
     assert "recall-state/ledger/entry-000002.json" in [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
 

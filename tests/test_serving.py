@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_task
+from support.common import run_task
 
 from pipeline.stages._common import task_file
 from pipeline.stages.prompts import run_init_prompts
@@ -23,7 +23,7 @@ def _model(cfg) -> str:
 
 
 def _overrides(method: str, *extra: str) -> list[str]:
-    from conftest import TINY
+    from support.common import TINY
 
     return TINY + [f"method={method}", "method.prompt.epochs=40", "tracking.register_classifier=true", *extra]
 
@@ -165,7 +165,7 @@ def test_mlflow_models_serve_answers_over_http(world):
     import sys
     import urllib.request
 
-    from conftest import free_port, wait_for_http
+    from support.common import free_port, wait_for_http
 
     from pipeline.data import load_prepared
     from pipeline.tracking.server import tracking_uri

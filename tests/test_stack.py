@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, venv_bin
+from support.common import REPO, free_port, venv_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from support.stream import write_batch_with_a_one_image_class
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
@@ -549,18 +550,8 @@ def test_folder_stream_end_to_end_with_the_demo_producer(project):
 
 
 
-def _write_png(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
 
 
-def write_batch_with_a_one_image_class(source: Path, batch: str = "batch-001") -> None:
-    """A ready batch whose class 'lonely circle' has one training image (and a fine class)."""
-    for name, n_train in (("square", 3), ("lonely_circle", 1)):
-        for i in range(n_train):
-            _write_png(source / batch / "train" / name / f"{i}.png")
-        _write_png(source / batch / "test" / name / "0.png")
-    (source / batch / "_READY").touch()
 
 
 def test_ingest_of_a_bad_batch_fails_naming_batch_and_class_and_records_it_once(project):

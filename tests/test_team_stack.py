@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from test_pipeline_dvc import _sh
-from test_remote import upload_batch
-from test_update_loop import SETUP, STREAM_TINY
-from test_update_loop import _task_stages as _task
+from support.common import free_port
+from support.projects import sh
+from support.stream import SETUP, STREAM_TINY, task_stages, upload_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
@@ -49,7 +47,7 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from test_update_loop import _classifier_versions
+    from support.stream import classifier_versions
 
     from devtools.localstack import LocalStack
     from devtools.scratch import scratch_project
@@ -90,11 +88,11 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
                      f"dataset.ledger_uri={LEDGER}"]
         repo = scratch_project(stack.root / "repo", STREAM_TINY, compose=overrides, folders=("pipeline", "conf", "flows"),
                                files=("dvc.yaml", ".gitignore", "prefect.yaml"))
-        _sh(repo, "recall", "remote", DVC_REMOTE, "--endpoint-url", s3_endpoint)
-        _sh(repo, "git", "add", "-A")
-        _sh(repo, "git", "commit", "-qm", "the team's stream, remote and deployments")
+        sh(repo, "recall", "remote", DVC_REMOTE, "--endpoint-url", s3_endpoint)
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "the team's stream, remote and deployments")
         batches = stack.root / "producer"
-        _sh(repo, "recall", "stream-demo", str(batches), "--batches", "3")
+        sh(repo, "recall", "stream-demo", str(batches), "--batches", "3")
         s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
 
         env = stack_env(stack.root / "prefect-clients", settings["PREFECT_API_URL"], repo, {
@@ -130,13 +128,13 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
             return sorted(stage for r in steps for stage in r.parameters["stages"])
 
         first = update("batch-001")
-        assert stages_run_for(first) == sorted(SETUP | _task(1) | {"report"})
+        assert stages_run_for(first) == sorted(SETUP | task_stages(1) | {"report"})
         # A database restart between two tasks (an upgrade, a failover): both servers reconnect.
         stack.stop_postgres()
         stack.start_postgres()
         second = update("batch-002")
         # Only the new task's stages, the split (the ledger's view of the tasks) and the report.
-        assert stages_run_for(second) == sorted({"split"} | _task(2) | {"report"})
+        assert stages_run_for(second) == sorted({"split"} | task_stages(2) | {"report"})
 
         with prefect_api(), get_client(sync_client=True) as client:
             flow_runs = client.read_flow_runs(limit=200)
@@ -144,7 +142,7 @@ def test_two_batches_through_the_update_deployment_on_the_team_stack(tmp_path, m
             deployments = client.read_deployments()
 
         # The registry: one classifier version per task, each aliased, the gate's champion.
-        versions = sorted(_classifier_versions(repo), key=lambda v: int(v.version))
+        versions = sorted(classifier_versions(repo), key=lambda v: int(v.version))
         assert [v.tags["task"] for v in versions] == ["1", "2"]
         model = MlflowClient().get_registered_model(versions[0].name)
         assert {"task-1", "task-2", "champion"} <= set(model.aliases), model.aliases

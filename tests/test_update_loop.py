@@ -3,64 +3,37 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_dvc import TINY_CONFIG, _ran, _sh, kill_during, make_project
+from support.projects import kill_during, sh, stages_ran
+from support.stream import SETUP, classifier_versions, task_stages
 
 pytestmark = pytest.mark.slow
 
-STREAM_TINY = {k: v for k, v in TINY_CONFIG.items() if k != "split"}  # the stream's count is the ledger's
-SETUP = {"prepare", "split", "backbone", "replay-init", "prompts-init"}
 
 
-def _task_stages(task: int) -> set[str]:
-    return {f"{step}@{task:02d}" for step in ("intake", "generators", "replay", "novelty", "finetune", "evaluate")}
 
 
-@pytest.fixture
-def stream_repo(tmp_path) -> tuple[Path, Path]:
-    """The project in stream mode (the tiny demo world as its demo backbone's), with an
-    empty folder source; returns (repo, source)."""
-    source = tmp_path / "source"
-    source.mkdir()
-    root = make_project(tmp_path / "repo", STREAM_TINY, "experiment=stream_demo", f"dataset.source={source}")
-    return root, source
 
 
-def _classifier_versions(root: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import config
-    from pipeline.tracking.registry import model_name
-    from pipeline.tracking.server import tracking_uri
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = config.load(root / "params.yaml")
-        name = model_name(cfg, "classifier")
-        return list(MlflowClient(tracking_uri(cfg)).search_model_versions(f"name = '{name}'"))
-    finally:
-        os.chdir(cwd)
 
 
 def _next_batch(root: Path, source: Path) -> None:
-    _sh(root, "recall", "stream-demo", str(source), "--batches", "3", "--next")
+    sh(root, "recall", "stream-demo", str(source), "--batches", "3", "--next")
 
 
 def test_each_batch_becomes_one_task_and_only_its_stages_run(stream_repo):
     root, source = stream_repo
-    nothing = _sh(root, "recall", "update")
-    assert "no task yet" in nothing.stdout and not _ran(nothing.stdout)
+    nothing = sh(root, "recall", "update")
+    assert "no task yet" in nothing.stdout and not stages_ran(nothing.stdout)
 
     _next_batch(root, source)
-    first = _sh(root, "recall", "update")
-    assert _ran(first.stdout) == SETUP | _task_stages(1) | {"report"}, first.stdout
-    assert len(_classifier_versions(root)) == 1
+    first = sh(root, "recall", "update")
+    assert stages_ran(first.stdout) == SETUP | task_stages(1) | {"report"}, first.stdout
+    assert len(classifier_versions(root)) == 1
     ledger = yaml.safe_load((root / "ledger.yaml").read_text())
     assert [e["batch"] for e in ledger["entries"]] == ["batch-001"]
     # The task's embeddings are in the project; its images are not.
@@ -70,41 +43,41 @@ def test_each_batch_becomes_one_task_and_only_its_stages_run(stream_repo):
     # Batch 2 lands, and batch 1's images are deleted: nothing later needs them.
     _next_batch(root, source)
     shutil.rmtree(source / "batch-001")
-    second = _sh(root, "recall", "update")
-    assert _ran(second.stdout) == {"split"} | _task_stages(2) | {"report"}, second.stdout
-    assert len(_classifier_versions(root)) == 2
+    second = sh(root, "recall", "update")
+    assert stages_ran(second.stdout) == {"split"} | task_stages(2) | {"report"}, second.stdout
+    assert len(classifier_versions(root)) == 2
     arrival = yaml.safe_load((root / "metrics/arrivals/task-02.json").read_text())
     assert arrival["status"] == "scored" and 0.0 <= arrival["figures"]["flagged_fraction"] <= 1.0
     assert 0.0 <= arrival["figures"]["auroc"] <= 1.0
     evaluation = yaml.safe_load((root / "metrics/tasks/task-02.json").read_text())
     assert evaluation["arrival"]["figures"] == arrival["figures"] and evaluation["n_seen_classes"] == 6
-    assert "up to date" in _sh(root, "dvc", "status").stdout
-    again = _sh(root, "recall", "update")
-    assert not _ran(again.stdout) and len(_classifier_versions(root)) == 2
+    assert "up to date" in sh(root, "dvc", "status").stdout
+    again = sh(root, "recall", "update")
+    assert not stages_ran(again.stdout) and len(classifier_versions(root)) == 2
 
     # Task 3, killed while it finetunes; the next update resumes at that stage.
     _next_batch(root, source)
     seen = kill_during(root, ["recall", "update"], "finetune@03")
-    resumed = _sh(root, "recall", "update")
-    ran = _ran(resumed.stdout)
+    resumed = sh(root, "recall", "update")
+    ran = stages_ran(resumed.stdout)
     # It resumes at the killed stage: what finished before it is not run again.
     assert {"finetune@03", "evaluate@03", "report"} <= ran <= {"novelty@03", "finetune@03", "evaluate@03", "report"}, ran
     assert "finetune@03" in seen and not {"intake@03", "generators@03", "replay@03"} & ran
-    versions = _classifier_versions(root)
+    versions = classifier_versions(root)
     assert sorted(int(v.tags["class_count"]) for v in versions) == [3, 6, 9]
-    assert "up to date" in _sh(root, "dvc", "status").stdout
+    assert "up to date" in sh(root, "dvc", "status").stdout
 
 
 def test_a_stream_whose_first_batch_has_one_class_runs(stream_repo):
     """g is a per-class map (its BatchNorm has fixed statistics, as the reference's), so a
     task of one class trains like any other: the stream's first batch may have one class."""
     root, source = stream_repo
-    _sh(root, "recall", "stream-demo", str(source), "--batches", "9", "--next")
-    first = _sh(root, "recall", "update")
-    assert _ran(first.stdout) == SETUP | _task_stages(1) | {"report"}, first.stdout
-    [version] = _classifier_versions(root)
+    sh(root, "recall", "stream-demo", str(source), "--batches", "9", "--next")
+    first = sh(root, "recall", "update")
+    assert stages_ran(first.stdout) == SETUP | task_stages(1) | {"report"}, first.stdout
+    [version] = classifier_versions(root)
     assert version.tags["class_count"] == "1"
     report = yaml.safe_load((root / "metrics/report.json").read_text())
     # One task: nothing to forget, no future class to transfer to; none is a number.
     assert report["transfer"] is None and report["forgetting"] is None
-    assert "transfer n/a" in _sh(root, "recall", "summary").stdout
+    assert "transfer n/a" in sh(root, "recall", "summary").stdout
