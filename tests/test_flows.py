@@ -381,6 +381,8 @@ def _task_runs(flow_run_id, expected: int):
             time.sleep(0.5)
 
 
+# One Prefect server for the class: its tests stay on one xdist worker.
+@pytest.mark.xdist_group("prefect-harness")
 @pytest.mark.usefixtures("prefect_harness")
 class TestFlowRuns:
     def test_step_flow_retries_a_crash_but_not_bad_input(self, toy, monkeypatch):

@@ -24,6 +24,9 @@ PER_CLASS = 10
 DIGESTS = {"1": "digest-of-task-1", "2": "digest-of-task-2"}
 MODEL = ""  # set per test by the client fixture
 
+# The module-scoped fixture is built once: these tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("gate-store")
+
 
 def _logits(task: int, *, wrong_among_old: int = 1, taken_by_new: int = 0, new_right: int = PER_CLASS):
     """Labels and logits [N, C] over the classes of tasks 1..``task``, PER_CLASS images a

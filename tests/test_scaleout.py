@@ -15,6 +15,9 @@ from pipeline.config import ClusterConfig, ConfigError
 # Worker processes inherit this: one OpenMP thread each on a small machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The module-scoped fixture is built once: these tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("dask-cluster")
+
 
 @pytest.fixture(scope="module")
 def cluster():
