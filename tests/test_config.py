@@ -211,3 +211,18 @@ def test_the_tiny_world_is_one_config_shared_by_tests_and_scratch_projects():
     assert tiny.split.n_tasks == 2 and tiny.dataset.shapes.colors == ["red", "green", "blue"]
     assert config.compose(["experiment=tiny"]) == config.compose(as_overrides(TINY_CONFIG))
     assert set(as_overrides(TINY_CONFIG)) - set(TINY) == {"split.n_tasks=2"}
+
+
+def test_params_yaml_keeps_task_keys_strings_for_dvc(tmp_path):
+    """DVC reads params.yaml as YAML 1.2, where an unquoted ``08`` is the integer 8: with 8
+    tasks or more, tasks 08 and 09 lost their stages (``'<' not supported between 'int' and
+    'str'`` in `dvc commit`)."""
+    from ruamel.yaml import YAML
+
+    from pipeline import config
+
+    path = tmp_path / "params.yaml"
+    config.write_params(path, config.compose(["split.n_tasks=12"]))
+    as_dvc_reads = YAML(typ="safe").load(path.read_text())
+    assert list(as_dvc_reads["split"]["tasks"]) == [f"{t:02d}" for t in range(1, 13)]
+    assert yaml.safe_load(path.read_text()) == as_dvc_reads  # and PyYAML / Hydra read the same

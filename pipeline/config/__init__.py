@@ -9,6 +9,7 @@ that names the key and, for group options, lists the valid ones.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +194,27 @@ def set_task_count(path: str | Path, n_tasks: int) -> bool:
     return True
 
 
+class _ParamsDumper(yaml.SafeDumper):
+    """PyYAML writes YAML 1.1, DVC reads YAML 1.2: a string such as ``08`` (not octal in 1.1,
+    so left unquoted) reads back as the integer 8 there, and task 08's stages vanish. Any
+    string a 1.2 reader would take for a number is quoted."""
+
+
+_YAML12_NUMBER = re.compile(r"^[-+]?(\d+|\d*\.\d+|\d+\.\d*)([eE][-+]?\d+)?$|^0x[0-9a-fA-F]+$|^0o[0-7]+$")
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    style = "'" if _YAML12_NUMBER.match(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ParamsDumper.add_representer(str, _represent_str)
+
+
 def write_params(path: str | Path, raw: dict[str, Any]) -> None:
-    """Write a composed config as params.yaml (atomically)."""
+    """Write a composed config as params.yaml (atomically), readable alike by YAML 1.1
+    (PyYAML, Hydra) and YAML 1.2 (DVC) readers."""
     from pipeline.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+        tmp.write_text(yaml.dump(raw, Dumper=_ParamsDumper, sort_keys=False))
