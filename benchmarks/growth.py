@@ -121,7 +121,7 @@ def tree_bytes(path: Path) -> int:
 
 
 def class_name(class_id: int) -> str:
-    # About the length of a real dataset's class names (ImageNet-R's average 11 characters).
+    # 11 characters: tags that list class names grow by about 15 characters per class.
     return f"object {class_id:04d}"
 
 
@@ -207,7 +207,10 @@ def mlflow_limits() -> dict[str, int]:
     """MLflow's limits on tag values, from the installed mlflow: what its API validates and
     what its SQL stores' columns hold (a registered-model tag is a VARCHAR(5000) there:
     PostgreSQL refuses longer values, sqlite does not check)."""
-    from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag, SqlRegisteredModelTag
+    from mlflow.store.model_registry.dbmodels.models import (
+        SqlModelVersionTag,
+        SqlRegisteredModelTag,
+    )
     from mlflow.utils import validation
 
     def column(model) -> int | None:
