@@ -1,6 +1,6 @@
 """Growth over many tasks: a synthetic stream at real width run through the real stages.
 
-A scratch copy of the project (``pipeline.devstack.scratch_project``: its own git, DVC
+A scratch copy of the project (``devtools.scratch.scratch_project``: its own git, DVC
 cache and local MLflow store, ``mlflow.db`` + ``mlartifacts/``) in stream mode, with
 ``backbone=local_file`` on a randomly initialised open_clip ``--arch`` (ViT-B-16: the
 512-d embeddings and the 12-layer, 512-wide text tower that clap's prompts run through).
@@ -11,9 +11,9 @@ Every task is what `recall update` does, with the images replaced by Gaussian cl
    (nothing later reads it);
 2. ``recall ingest`` (real): the ledger entry, the task manifest, split.n_tasks += 1;
 3. intake, bypassed: it would decode the images with the CLIP. Instead this script writes
-   what ``recall intake`` writes, in its exact format (``pipeline/embed.py``
+   what ``recall intake`` writes, in its exact format (``pipeline/clip/embedding.py``
    ``embed_images``: ``data/embeddings/task-NN/{train,test}/part-00000.safetensors`` with
-   ``embeddings``/``labels``/``sample_ids`` and ``index.json``; ``pipeline/steps.py``
+   ``embeddings``/``labels``/``sample_ids`` and ``index.json``; ``pipeline/stages/intake.py``
    ``run_intake``: ``text.safetensors`` with ``class_features``, ``template_features``,
    ``class_ids`` and ``metrics/intake-NN.json``), keyed to the task's manifest and the
    backbone's sha256, then ``dvc commit -f intake@NN`` records them as that stage's
@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.devstack import project_env, scratch_project
+from devtools.scratch import project_env, scratch_project
 
 # The resolvers travel with the code: the editable install's may belong to another checkout.
 FOLDERS = ("pipeline", "conf", "hydra_plugins")
@@ -289,30 +289,6 @@ def project(model, tasks: int, classes: int) -> tuple[float, float]:
     return per_task[-1], sum(per_task)
 
 
-def yaml12_safe_params(path: Path) -> bool:
-    """Quote params.yaml's digit-only keys (task keys 08, 09) so that DVC, whose YAML 1.2
-    parser reads an unquoted 08 as the integer 8, sees the strings Recall wrote. PyYAML
-    (YAML 1.1) leaves 08 and 09 unquoted because they are not valid 1.1 octals; DVC then
-    drops tasks 8 and 9's stages (09 -> 9 -> task-9) and `dvc commit` fails comparing int
-    and str keys. A workaround for a bug of config.write_params, reported; True if it
-    changed the file (the content, as Recall reads it, is the same)."""
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def string(dumper, value):
-        style = "'" if value.isdigit() else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    Dumper.add_representer(str, string)
-    text = path.read_text()
-    fixed = yaml.dump(yaml.safe_load(text), Dumper=Dumper, sort_keys=False)
-    if fixed == text:
-        return False
-    path.write_text(fixed)
-    return True
-
-
 # --------------------------------------------------------------------------- the synthetic DVC graph
 
 
@@ -320,7 +296,6 @@ def synthetic_graph(workdir: Path, compose: list[str], tasks: int) -> dict[str, 
     """`dvc status` and no-op `dvc repro` seconds on this dvc.yaml at ``tasks`` tasks, with
     every output a placeholder in the real layout, committed (never run)."""
     root = scratch_project(workdir / f"graph-{tasks}", {}, compose=[*compose, f"split.n_tasks={tasks}"], folders=FOLDERS)
-    yaml12_safe_params(root / "params.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text())
     paths = params["paths"]
     # Outputs that are folders in the real project; everything else is a file.
@@ -439,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     before = {"dvc": tree_bytes(cache), "mlflow": tree_bytes(artifacts) + tree_bytes(db)}
 
     rows: list[dict] = []
-    quoted = False
     header = ("task", "seen", "total_s", *[f"{s}_s" for s in PER_TASK], "dvc_MiB", "mlflow_MiB", "prompt_MiB",
               "status_s", "noop_s", "rm_tag", "mv_tag")
     print("\n" + "  ".join(f"{h:>9}" for h in header))
@@ -448,9 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         land_batch(source, task, first_id, args.classes_per_task, args.train_per_class, args.test_per_class)
         shutil.rmtree(source / f"batch-{task - 1:03d}", ignore_errors=True)
         ingest_s, _ = sh(root, "recall", "ingest")
-        if yaml12_safe_params(root / "params.yaml") and not quoted:
-            quoted = True
-            print(f"  (task {task}: params.yaml's task keys quoted for DVC's YAML 1.2 reader; see yaml12_safe_params)")
         params = yaml.safe_load((root / "params.yaml").read_text())
         start = time.perf_counter()
         write_intake(root, params, task, args.dim, args.seed)
