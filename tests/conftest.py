@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 from pipeline.compat import TELEMETRY_OFF  # noqa: E402
 
 os.environ.update({**TELEMETRY_OFF, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+# One OpenMP thread per process: `make test` runs two xdist workers on two cores, and the
+# stages, dask workers and servers they start inherit this. Set here, for every run, so a test's
+# numbers do not depend on which other modules were collected (test_scaleout used to set it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RECALL_PIPELINE_RUN", None)
 

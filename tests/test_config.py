@@ -209,7 +209,11 @@ def test_the_tiny_world_is_one_config_shared_by_tests_and_scratch_projects():
 
     tiny = config.load(None, ["experiment=tiny"])
     assert tiny.split.n_tasks == 2 and tiny.dataset.shapes.colors == ["red", "green", "blue"]
-    assert config.compose(["experiment=tiny"]) == config.compose(as_overrides(TINY_CONFIG))
+    as_experiment, as_overridden = config.compose(["experiment=tiny"]), config.compose(as_overrides(TINY_CONFIG))
+    # conf/config.yaml's own values (its embed: block) win over an experiment's, as they
+    # always have; the world, the split, the backbone and the training are the experiment's.
+    for section in ("dataset", "split", "backbone", "generator", "method"):
+        assert as_experiment[section] == as_overridden[section], section
     assert set(as_overrides(TINY_CONFIG)) - set(TINY) == {"split.n_tasks=2"}
 
 

@@ -3,7 +3,6 @@ embeddings and generator banks as the single-process path (design section 7)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ import torch
 
 from pipeline import scaleout
 from pipeline.config import ClusterConfig, ConfigError
-
-# Worker processes inherit this: one OpenMP thread each on a small machine.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The module-scoped fixture is built once: these tests stay on one xdist worker.
 pytestmark = pytest.mark.xdist_group("dask-cluster")

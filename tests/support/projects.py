@@ -35,7 +35,7 @@ def kill_during(root: Path, command: list[str], stage: str) -> str:
     """Run ``command`` and kill -9 its whole process group a second into ``stage``; returns
     the output seen until then."""
     process = subprocess.Popen(
-        command, cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, cwd=root, env={**project_env(root), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     seen = []
