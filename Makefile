@@ -49,7 +49,7 @@ update-demo: $(STAMP)
 ## loop, two checkouts sharing an S3 remote), on real MLflow and S3 API servers.
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not stack and not real_size"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=10 -m "not stack and not real_size"
 
 ## Unit tests only.
 test-fast: $(STAMP)
