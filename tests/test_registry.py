@@ -14,7 +14,7 @@ from pipeline.io import read_tensor_metadata, read_tensors, write_tensors
 from pipeline.stages.evaluate import run_evaluate
 from pipeline.stages.prompts import run_init_prompts
 from pipeline.stages.replay import run_init_replay
-from pipeline.tracking.lineage import INPUT_DIGEST_TAG, RegistryError
+from pipeline.tracking.lineage import INPUT_DIGEST_TAG, REGISTERED_MODEL_TAG_LIMIT, Lineage, RegistryError
 from pipeline.tracking.registry import model_name
 from pipeline.tracking.server import tracking_uri
 
@@ -70,6 +70,31 @@ def test_a_lineage_name_must_be_a_plain_name(project):
 
     with pytest.raises(config.ConfigError, match="tracking.lineage"):
         config.load(None, TINY + ["tracking.lineage='my model/1'"])
+
+
+def _lineage(n_classes: int) -> Lineage:
+    description = {
+        "method": {"name": "clap"}, "seed": 0, "dataset": {"name": "imagenet-r"}, "dataset_fingerprint": "f" * 64,
+        "n_tasks": n_classes // 10, "class_order": [f"class number {i} of a long benchmark" for i in range(n_classes)],
+        "backbone": {"sha256": "b" * 64}, "generator": {"name": "vae"},
+    }
+    return Lineage("k" * 16, "label", description)
+
+
+def test_lineage_tags_fit_a_sql_store_at_a_thousand_classes():
+    """PostgreSQL keeps at most 5,000 characters of a registered model's tag: at 1,000 classes
+    the class order is named by its count and digest (each version's `classes` tag has the list),
+    and a short one is still written out whole."""
+    import json
+
+    big = _lineage(1000).tags()
+    assert max(len(v) for v in big.values()) <= REGISTERED_MODEL_TAG_LIMIT
+    assert big["recall.lineage.class_order"].startswith("1000 classes, sha256 ")
+    described = json.loads(big["recall.lineage.description"])
+    assert described["class_order"].startswith("1000 classes") and described["seed"] == 0
+    small = _lineage(30)
+    assert small.tags()["recall.lineage.class_order"].split(", ") == small.description["class_order"]
+    assert json.loads(small.tags()["recall.lineage.description"]) == small.description
 
 
 # --------------------------------------------------------------------------- through the registry

@@ -35,6 +35,23 @@ VOLATILE_METADATA = frozenset({"seconds"})
 SHORT_HASH = 8
 
 
+# The longest registered-model tag value MLflow's SQL stores keep: `registered_model_tags.value`
+# is String(5000) (mlflow/store/model_registry/dbmodels/models.py, SqlRegisteredModelTag),
+# though the validator lets 100,000 through to the database. A benchmark's class order at 1,000 classes
+# is about 13,000 characters: the lineage tags then name the list instead of holding it (each
+# model version's `classes` tag, 100,000 characters allowed, lists the classes it knows).
+REGISTERED_MODEL_TAG_LIMIT = 5000
+
+
+def _bounded_class_order(names: list[str], limit: int) -> str:
+    text = ", ".join(names)
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+    return (f"{len(names)} classes, sha256 {digest} of their JSON list (too long for a tag: each version's "
+            f"`classes` tag lists the classes it knows, in this order)")
+
+
 class RegistryError(UserError):
     """The registry cannot be used as asked; names the file or setting at fault."""
 
@@ -51,6 +68,10 @@ class Lineage:
     def tags(self) -> dict[str, str]:
         """What the registered model records about the lineage it holds."""
         d = self.description
+        limit = REGISTERED_MODEL_TAG_LIMIT
+        description = json.dumps(d, sort_keys=True)
+        if len(description) > limit:
+            description = json.dumps({**d, "class_order": _bounded_class_order(d["class_order"], 0)}, sort_keys=True)
         return {
             LINEAGE_TAG: self.key,
             f"{LINEAGE_TAG}.label": self.label,
@@ -59,10 +80,10 @@ class Lineage:
             f"{LINEAGE_TAG}.dataset": d["dataset"]["name"],
             f"{LINEAGE_TAG}.dataset_fingerprint": d["dataset_fingerprint"],
             f"{LINEAGE_TAG}.n_tasks": str(d["n_tasks"]),
-            f"{LINEAGE_TAG}.class_order": ", ".join(d["class_order"]),
+            f"{LINEAGE_TAG}.class_order": _bounded_class_order(d["class_order"], limit),
             f"{LINEAGE_TAG}.backbone_sha256": d["backbone"]["sha256"],
             f"{LINEAGE_TAG}.generator": d["generator"]["name"],
-            f"{LINEAGE_TAG}.description": json.dumps(d, sort_keys=True),
+            f"{LINEAGE_TAG}.description": description,
         }
 
 
