@@ -18,12 +18,11 @@ The fixed pool lives only in this benchmark: the product has one replay rule.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
-from benchmarks.compare_methods import METRICS, collect, run
+from benchmarks.compare_methods import METRICS, collect, print_table, run
 from pipeline.data.split import load_split, task_classes
 from pipeline.method import replay
 from pipeline.method.generators import load_bank
@@ -82,22 +81,10 @@ def main() -> None:
         for seed in args.seeds:
             report = run(seed, "clap", args.out, [], LABEL)
             print(f"seed {seed} clap-{LABEL}: " + ", ".join(f"{k} {100 * report[k]:.1f}" for k in METRICS), flush=True)
-    results = collect(args.out, args.seeds, ["clap", f"clap-{LABEL}"])
-    columns = [*METRICS, "auroc_max_probability", "auroc_energy", "auroc_sample_variance"]
-    print(f"\n{len(args.seeds)} seeds; mean ± std, in %")
-    print("| replay | " + " | ".join(columns) + " | finetune s | bytes stored for the tasks' replay |")
-    print("| --- " * (len(columns) + 3) + "|")
-    bytes_stored = pool_bytes(args.out / f"seed{args.seeds[0]}", args.pool)
-    stored = {"clap": "one generator index per task (a few KB)", f"clap-{LABEL}": f"{bytes_stored / 1e6:.0f} MB of pools"}
-    for name, reports in results.items():
-        cells = []
-        for key in columns:
-            values = [100 * r[key] for r in reports if r.get(key) is not None]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}" if values else "n/a")
-        seconds = statistics.mean(sum(v or 0.0 for v in r["finetune_seconds_per_task"]) for r in reports)
-        print(f"| {name} | " + " | ".join(cells) + f" | {seconds:.0f} | {stored[name]} |")
-
+    print_table(collect(args.out, args.seeds, ["clap", f"clap-{LABEL}"]), args.seeds)
+    stored = pool_bytes(args.out / f"seed{args.seeds[0]}", args.pool)
+    print(f"\nreplay stored for the tasks: clap, one generator index per task (a few KB); "
+          f"clap-{LABEL}, {stored / 1e6:.0f} MB of pools")
 
 if __name__ == "__main__":
     main()

@@ -81,7 +81,7 @@ def fit_generators(task: int = TaskOption, params: Path = ParamsOption, override
 
 @app.command("replay-init")
 def replay_init(params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Write the empty replay pool (task 0) every task's pool grows from."""
+    """Write the empty replay index (task 0) every task's index grows from."""
     from pipeline.stages.replay import run_init_replay
 
     typer.echo(run_step(lambda: run_init_replay(load_config(params, overrides))))
@@ -89,7 +89,7 @@ def replay_init(params: Path = ParamsOption, overrides: Optional[list[str]] = Ov
 
 @app.command()
 def replay(task: int = TaskOption, params: Path = ParamsOption, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """The replay pool of a task: the previous task's plus samples of this task's generators."""
+    """The replay index of a task: the previous task's plus this task's generator file and its hash."""
     from pipeline.stages.replay import run_replay
 
     typer.echo(run_step(lambda: run_replay(load_config(params, overrides), task)))

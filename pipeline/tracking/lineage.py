@@ -43,10 +43,8 @@ SHORT_HASH = 8
 REGISTERED_MODEL_TAG_LIMIT = 5000
 
 
-def _bounded_class_order(names: list[str], limit: int) -> str:
-    text = ", ".join(names)
-    if len(text) <= limit:
-        return text
+def _class_order_named(names: list[str]) -> str:
+    """A class order too long for a tag, named by its count and digest."""
     digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
     return (f"{len(names)} classes, sha256 {digest} of their JSON list (too long for a tag: each version's "
             f"`classes` tag lists the classes it knows, in this order)")
@@ -68,10 +66,12 @@ class Lineage:
     def tags(self) -> dict[str, str]:
         """What the registered model records about the lineage it holds."""
         d = self.description
-        limit = REGISTERED_MODEL_TAG_LIMIT
+        class_order = ", ".join(d["class_order"])
+        if len(class_order) > REGISTERED_MODEL_TAG_LIMIT:
+            class_order = _class_order_named(d["class_order"])
         description = json.dumps(d, sort_keys=True)
-        if len(description) > limit:
-            description = json.dumps({**d, "class_order": _bounded_class_order(d["class_order"], 0)}, sort_keys=True)
+        if len(description) > REGISTERED_MODEL_TAG_LIMIT:
+            description = json.dumps({**d, "class_order": _class_order_named(d["class_order"])}, sort_keys=True)
         return {
             LINEAGE_TAG: self.key,
             f"{LINEAGE_TAG}.label": self.label,
@@ -80,7 +80,7 @@ class Lineage:
             f"{LINEAGE_TAG}.dataset": d["dataset"]["name"],
             f"{LINEAGE_TAG}.dataset_fingerprint": d["dataset_fingerprint"],
             f"{LINEAGE_TAG}.n_tasks": str(d["n_tasks"]),
-            f"{LINEAGE_TAG}.class_order": _bounded_class_order(d["class_order"], limit),
+            f"{LINEAGE_TAG}.class_order": class_order,
             f"{LINEAGE_TAG}.backbone_sha256": d["backbone"]["sha256"],
             f"{LINEAGE_TAG}.generator": d["generator"]["name"],
             f"{LINEAGE_TAG}.description": description,
