@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,20 +31,53 @@ def stages_ran(output: str) -> set[str]:
 
 
 
+# Runs the command and, on SIGTERM, kills -9 every process under it and reaps each one
+# before exiting. As a child subreaper it is handed the command's orphans (the `dvc repro`
+# under `recall update`): an orphan left to a PID 1 that reaps late stays a zombie, and
+# DVC's lock counts a zombie's PID as alive ("is busy", CI at 3fee2ea).
+_KILLER = r"""
+import ctypes, os, signal, subprocess, sys, time
+import psutil
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+command = subprocess.Popen(sys.argv[1:], start_new_session=True)
+
+def kill_and_reap(signum, frame):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for descendant in psutil.Process().children(recursive=True):
+            try:
+                descendant.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            os._exit(137)
+        time.sleep(0.05)
+    sys.exit("kill_during: processes of the killed command still running after 60 s")
+
+signal.signal(signal.SIGTERM, kill_and_reap)
+sys.exit(command.wait())
+"""
+
+
 def kill_during(root: Path, command: list[str], stage: str) -> str:
-    """Run ``command`` and kill -9 its whole process group a second into ``stage``; returns
-    the output seen until then."""
+    """Run ``command`` and kill -9 every process it started a second into ``stage``; returns
+    the output seen until then. Returns once none of them is left, not even as a zombie."""
     process = subprocess.Popen(
-        command, cwd=root, env={**project_env(root), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        [sys.executable, "-c", _KILLER, *command], cwd=root, env={**project_env(root), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
     for line in process.stdout:
         seen.append(line)
         if line.startswith(f"Running stage '{stage}'"):
             time.sleep(1.0)
-            os.killpg(process.pid, signal.SIGKILL)
+            process.send_signal(signal.SIGTERM)
             break
-    process.wait()
+    seen.extend(process.stdout)
+    assert process.wait(timeout=90) == 137, "".join(seen)
     assert any(stage in line for line in seen), "".join(seen)
     return "".join(seen)
