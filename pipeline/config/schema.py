@@ -199,6 +199,11 @@ class VaeGenerator(_Strict):
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0)
     chunk_classes: int | None = Field(default=None, ge=1)
+    # none: a sample is the decoder's output, as the reference's (its prior samples spread far
+    # less than the class's embeddings); matched_variance / matched_covariance: plus Gaussian
+    # noise that gives the samples the class's own per-dimension variance / covariance
+    # (README, "Calibration on real images").
+    observation_noise: Literal["none", "matched_variance", "matched_covariance"] = "matched_covariance"
 
 
 class GaussGenerator(_Strict):

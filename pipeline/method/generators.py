@@ -39,7 +39,8 @@ class GeneratorError(UserError):
 
 def class_generator(seed: int, class_id: int, stream: int) -> torch.Generator:
     """Each class has its own random streams, so a class's fit does not depend on which
-    other classes share its bank (stream 0: init, 1: shuffling, 2: noise, 3: sampling)."""
+    other classes share its bank (stream 0: init, 1: shuffling, 2: noise, 3: sampling,
+    4: the prior draws that measure a fitted VAE's spread)."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + class_id) * 8 + stream) % (2**63))
 
 
@@ -105,9 +106,10 @@ class VaeBank(nn.Module):
     """Encoder ``Linear BN LeakyReLU Linear BN LeakyReLU Linear(h, 2k)``, decoder
     ``Linear LeakyReLU Linear LeakyReLU Linear(h, d)``, per class, on standardised inputs."""
 
-    def __init__(self, n_classes: int, dim: int, hidden: int, latent: int):
+    def __init__(self, n_classes: int, dim: int, hidden: int, latent: int, observation_noise: str = "none"):
         super().__init__()
         self.dim, self.hidden, self.latent = dim, hidden, latent
+        self.observation_noise = observation_noise
         self.enc1, self.bn1 = BatchedLinear(n_classes, dim, hidden), BatchedBatchNorm(n_classes, hidden)
         self.enc2, self.bn2 = BatchedLinear(n_classes, hidden, hidden), BatchedBatchNorm(n_classes, hidden)
         self.enc3 = BatchedLinear(n_classes, hidden, 2 * latent)
@@ -116,6 +118,21 @@ class VaeBank(nn.Module):
         self.dec3 = BatchedLinear(n_classes, hidden, dim)
         self.register_buffer("mean", torch.zeros(n_classes, dim))
         self.register_buffer("std", torch.ones(n_classes, dim))
+        # What the decoder's prior samples lack of the class's spread (standardised space):
+        # per dimension, or as a covariance factor (d x d per class, stored only if used).
+        if observation_noise == "matched_variance":
+            self.register_buffer("noise_std", torch.zeros(n_classes, dim))
+        elif observation_noise == "matched_covariance":
+            self.register_buffer("noise_factor", torch.zeros(n_classes, dim, dim))
+
+    def observe(self, decoded: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Decoder outputs ``[C, n, d]`` plus this bank's observation noise."""
+        if self.observation_noise == "none":
+            return decoded
+        eps = torch.randn(decoded.shape, generator=generator)
+        if self.observation_noise == "matched_variance":
+            return decoded + eps * self.noise_std[:, None, :]
+        return decoded + eps @ self.noise_factor.transpose(1, 2)
 
     @property
     def n_classes(self) -> int:
@@ -206,7 +223,7 @@ def fit_vae_bank(
 ) -> tuple[VaeBank, list[float]]:
     """Fit one VAE per class at once; return the bank and each class's final-epoch loss."""
     n_classes, dim = len(data), data[0].shape[1]
-    bank = VaeBank(n_classes, dim, settings.hidden, settings.latent)
+    bank = VaeBank(n_classes, dim, settings.hidden, settings.latent, settings.observation_noise)
     for c, cid in enumerate(class_ids):
         init = class_generator(seed, cid, 0)
         for layer in bank.linears():
@@ -252,7 +269,31 @@ def fit_vae_bank(
             epoch_count += active.float()
         last_losses = (epoch_loss / epoch_count.clamp_min(1)).tolist()
     bank.eval()
+    if settings.observation_noise != "none":
+        _match_spread(bank, standardised, class_ids, seed)
     return bank, last_losses
+
+
+# Prior draws per class that measure how far a fitted VAE's samples spread.
+SPREAD_DRAWS = 2048
+
+
+@torch.no_grad()
+def _match_spread(bank: VaeBank, standardised: list[torch.Tensor], class_ids: list[int], seed: int) -> None:
+    """Set the observation noise so that decoder output plus noise has the class's own
+    variance in every standardised dimension (1), or its whole covariance. The decoder's
+    prior samples carry a fraction of it (about 0.2 on real digit images), and real
+    within-class spread lies along a few directions that classes share: per-dimension noise
+    restores the amount, only the covariance restores the overlap."""
+    z = torch.stack([torch.randn(SPREAD_DRAWS, bank.latent, generator=class_generator(seed, cid, 4)) for cid in class_ids])
+    decoded = bank.decode(z)
+    if bank.observation_noise == "matched_variance":
+        bank.noise_std.copy_((1.0 - decoded.var(dim=1)).clamp_min(0).sqrt())
+        return
+    for c, x in enumerate(standardised):
+        missing = torch.cov(x.double().T) - torch.cov(decoded[c].double().T)
+        values, vectors = torch.linalg.eigh(missing)
+        bank.noise_factor[c] = (vectors * values.clamp_min(0).sqrt()).float()
 
 
 # --------------------------------------------------------------------------- banks
@@ -278,7 +319,8 @@ class Bank:
                     g = class_generator(seed, cid, 3)
                     vae = _single_class_vae(self.tensors, self.settings, c)
                     z = torch.randn(1, n_per_class, vae.latent, generator=g)
-                    out.append(vae.decode(z)[0] * vae.std[0] + vae.mean[0])
+                    x = vae.observe(vae.decode(z), g)[0]
+                    out.append(x * vae.std[0] + vae.mean[0])
                     labels.append(torch.full((n_per_class,), cid, dtype=torch.long))
         elif self.kind == "gauss":
             for c, cid in enumerate(self.class_ids):
@@ -302,7 +344,8 @@ class Bank:
 def _single_class_vae(tensors: dict[str, torch.Tensor], settings: dict[str, Any], c: int) -> VaeBank:
     """Class ``c``'s VAE alone, straight from the saved tensors (one class at a time
     bounds the memory of sampling)."""
-    vae = VaeBank(1, tensors["mean"].shape[1], settings["hidden"], settings["latent"])
+    # Banks fitted before observation noise existed have no such setting: they sample as before.
+    vae = VaeBank(1, tensors["mean"].shape[1], settings["hidden"], settings["latent"], settings.get("observation_noise", "none"))
     vae.load_state_dict({k: v[c : c + 1] for k, v in tensors.items()})
     return vae.eval()
 
