@@ -41,7 +41,10 @@ def main() -> None:
     index = {c: i for i, c in enumerate(classes)}
     data = {c: train["embeddings"][train["labels"] == c].float() for c in classes}
     means = F.normalize(torch.stack([F.normalize(data[c], dim=-1).mean(0) for c in classes]), dim=-1)
-    relabel = lambda labels: torch.tensor([index[int(c)] for c in labels])  # noqa: E731
+
+    def relabel(labels: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([index[int(c)] for c in labels])
+
     rows = [("real train embeddings", *spread(train["embeddings"], relabel(train["labels"]), means), None),
             ("real test embeddings", *spread(test["embeddings"], relabel(test["labels"]), means), None)]
     generators = [(f"{cfg.generator.name}, observation_noise={noise}", cfg.generator.model_copy(update={"observation_noise": noise}))
