@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.common import TINY
+from support.common import TINY, inside_project
 from support.projects import make_project
 from support.stream import STREAM_TINY
 
@@ -43,11 +43,7 @@ def tiny_cfg(project):
 def tiny_world(tmp_path_factory):
     """A tiny shapes world up to its embeddings (1-epoch demo backbone), built once."""
     root = tmp_path_factory.mktemp("world")
-    cwd = os.getcwd()
-    os.chdir(root)
-    shutil.copytree(REPO / "conf", root / "conf")
-    os.environ["RECALL_CONF_DIR"] = str(root / "conf")
-    try:
+    with inside_project(root):
         from pipeline import config
         from pipeline.stages.backbone import run_backbone
         from pipeline.stages.embed import run_embed, run_embed_text
@@ -61,9 +57,6 @@ def tiny_world(tmp_path_factory):
         for split in ("train", "test"):
             run_embed(cfg, split)
         run_embed_text(cfg)
-    finally:
-        os.chdir(cwd)
-        os.environ.pop("RECALL_CONF_DIR", None)
     return root
 
 

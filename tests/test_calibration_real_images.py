@@ -6,10 +6,9 @@ the demo's CLIP and trained by the real stages at the demo's schedule (about 3 m
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
-from support.common import REPO
+from support.common import inside_project
 
 from devtools.digits import write_digit_images
 
@@ -30,11 +29,7 @@ def digits_world(tmp_path_factory):
     from pipeline.stages.prepare import run_prepare
 
     root = tmp_path_factory.mktemp("digits")
-    cwd = os.getcwd()
-    os.chdir(root)
-    shutil.copytree(REPO / "conf", root / "conf")
-    os.environ["RECALL_CONF_DIR"] = str(root / "conf")
-    try:
+    with inside_project(root):
         shapes = config.load(None, ["paths.prepared=shapes", "tracking.register_classifier=false"])
         run_prepare(shapes)
         run_backbone(shapes)
@@ -47,9 +42,6 @@ def digits_world(tmp_path_factory):
             run_embed(cfg, split)
         run_embed_text(cfg)
         yield root, data
-    finally:
-        os.chdir(cwd)
-        os.environ.pop("RECALL_CONF_DIR", None)
 
 
 def test_clap_is_no_worse_calibrated_than_cgil_on_overlapping_real_images(digits_world, monkeypatch):

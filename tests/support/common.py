@@ -5,7 +5,11 @@ Test modules import helpers from here (never from each other); fixtures live in 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from devtools.scratch import TINY_CONFIG, as_overrides
@@ -63,3 +67,19 @@ def free_port() -> int:
     from devtools.servers import free_port as pick
 
     return pick()
+
+
+
+@contextmanager
+def inside_project(root: Path) -> Iterator[None]:
+    """Work in ``root`` with a copy of the repo's conf/ as the config (session- and
+    module-scoped project folders, where monkeypatch is not available); restored after."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    shutil.copytree(REPO / "conf", root / "conf")
+    os.environ["RECALL_CONF_DIR"] = str(root / "conf")
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("RECALL_CONF_DIR", None)
