@@ -15,8 +15,8 @@ export HYDRA_FULL_ERROR := 1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/python -m devtools.install '.[test]'
 	$(BIN)/python -m devtools.venv_path
 	touch $(STAMP)
 
