@@ -182,6 +182,29 @@ def test_stream_tasks_follow_the_ledger_and_name_each_task_s_own_inputs(project)
     assert benchmark.mode_stages.embed == ["train", "test"]
 
 
+def test_stream_intake_stages_read_and_write_each_task_s_chain_entry(project):
+    """dvc.yaml builds intake's paths from the task key (params.yaml holds the chain once):
+    they must be the files the later stages of the same task read."""
+    import shutil
+    import subprocess
+
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", project)
+    _ledger(project / "ledger.yaml", accepted=3)
+    config.write_params(project / "params.yaml", config.compose(["experiment=stream_demo"]))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    chain = config.load(project / "params.yaml").split.tasks
+    with Repo(str(project)) as repo:
+        intake = {s.name: s for s in repo.index.stages if s.name.startswith("intake@")}
+        assert sorted(intake) == ["intake@01", "intake@02", "intake@03"]
+        for key, entry in chain.items():
+            stage = intake[f"intake@{key}"]
+            assert stage.cmd == f"recall intake --task {entry.task}"
+            assert {o.def_path for o in stage.outs} >= {entry.train, entry.test, entry.text}
+            assert entry.classes in {d.def_path for d in stage.deps}
+
+
 def test_ingest_sets_the_task_count_in_params_keeping_overrides(project):
     params = project / "params.yaml"
     config.write_params(params, config.compose(["experiment=stream_demo", "dataset.source=s3://b/in", "seed=3"]))

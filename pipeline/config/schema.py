@@ -244,7 +244,7 @@ class ModeStages(_Strict):
 
     embed: list[str]
     embed_text: list[str]
-    intake: dict[str, TaskLink]
+    intake: dict[str, int]
 
 
 class GateConfig(_Strict):
