@@ -248,6 +248,29 @@ def test_head_state_round_trips():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("encoder_bias", ["template_std", "pytorch_default"])
+def test_a_saved_head_gets_back_the_priors_it_trained_against(encoder_bias):
+    """The state stores no prior (half of what each task added); the one rebuilt from the
+    text statistics is the one finetuning measured its KL against, bit for bit."""
+    from pipeline.method.head import task_seed
+
+    text_mean, text_variance = torch.randn(5, DIM), torch.rand(5, DIM) * 0.1
+    class_task = torch.tensor([1, 1, 2, 2, 2])
+    head = ProbabilisticHead(DIM, encoder_bias=encoder_bias)
+    for task, rows in ((1, 2), (2, 5)):  # as finetuning adds them: the classes seen so far
+        head.add_task(text_mean[:rows], text_variance[:rows], seed=task_seed(7, task))
+    with torch.no_grad():  # training moves the encoders, never the priors
+        for p in head.encoders.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    state = {**head_state(head), "text_mean": text_mean, "text_variance": text_variance, "class_task": class_task}
+    assert not [k for k in state if "prior" in k]
+    loaded = load_head(state, DIM, 2, head.std_floor, encoder_bias=encoder_bias, seed_of_task=lambda t: task_seed(7, t))
+    for rebuilt, original in zip(loaded.state_dict().items(), head.state_dict().items(), strict=True):
+        assert rebuilt[0] == original[0] and torch.equal(rebuilt[1], original[1]), rebuilt[0]
+    served = load_head(state, DIM, 2, head.std_floor)  # inference needs no prior
+    assert len(served.prior_encoders) == 0
+
+
 class _TinyLearner(torch.nn.Module):
     """What train_with_head needs of a prompt learner: context vectors, a generator, and
     class features from them."""

@@ -9,12 +9,12 @@ Images are scored one by one: no output depends on the other images of a batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.method.head import ProbabilisticHead, predictive_summary
+from pipeline.method.head import DistributionEncoder, ProbabilisticHead, predictive_summary
 
 
 @dataclass
@@ -64,19 +64,28 @@ class Classifier:
 
 
 def head_state(head: ProbabilisticHead) -> dict[str, torch.Tensor]:
-    return {f"head.{k}": v.detach() for k, v in head.state_dict().items()}
+    """The head's tensors under ``head.``, without the frozen priors (``load_head`` rebuilds
+    them from the text statistics)."""
+    return {f"head.{k}": v.detach() for k, v in head.state_dict().items() if not k.startswith("prior_encoders.")}
 
 
 def load_head(
-    state: dict[str, torch.Tensor], dim: int, n_tasks: int, std_floor: float, dropout: float = 0.0, encoder_bias: str = "template_std"
+    state: dict[str, torch.Tensor], dim: int, n_tasks: int, std_floor: float, dropout: float = 0.0,
+    encoder_bias: str = "template_std", seed_of_task: Callable[[int], int] | None = None,
 ) -> ProbabilisticHead:
     """The head saved in ``state`` (its attention's width read from the tensors), in eval
-    mode; ``dropout`` and ``encoder_bias`` matter only if it is trained further."""
+    mode; ``dropout`` and ``encoder_bias`` matter only if it is trained further. With
+    ``seed_of_task``, the priors are rebuilt from the state's ``text_mean``, ``text_variance``
+    and ``class_task`` (training needs them); without, the head has none (inference does not
+    use them). Priors a state from before that change still holds are ignored."""
     ff_width = state["head.attention.layer.linear1.weight"].shape[0]
     head = ProbabilisticHead(dim, std_floor=std_floor, ff_width=ff_width, dropout=dropout, encoder_bias=encoder_bias)
     for _ in range(n_tasks):
-        head.add_task(torch.zeros(1, dim), torch.ones(1, dim))
-    head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+        head.encoders.append(DistributionEncoder(dim))
+    head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()
+                          if k.startswith("head.") and not k.startswith("head.prior_encoders.")})
+    if seed_of_task is not None:
+        head.rebuild_priors(state["text_mean"].float(), state["text_variance"].float(), state["class_task"], seed_of_task)
     head.eval()
     return head
 

@@ -208,15 +208,24 @@ class ProbabilisticHead(nn.Module):
         return len(self.encoders)
 
     def add_task(self, text_mean: torch.Tensor, text_variance: torch.Tensor, seed: int = 0) -> None:
-        """A new task's encoder, initialised from the seen classes' text statistics:
-        ``A.weight = T^T T / d`` with ``T`` their template-averaged features and
+        """A new task's encoder, initialised from the seen classes' text statistics (see
+        ``initial_encoder``), and its frozen copy, the task's CLIP-informed prior."""
+        encoder = self.initial_encoder(text_mean, text_variance, seed)
+        prior = self.initial_encoder(text_mean, text_variance, seed)
+        prior.requires_grad_(False)
+        self.encoders.append(encoder)
+        self.prior_encoders.append(prior)
+
+    def initial_encoder(self, text_mean: torch.Tensor, text_variance: torch.Tensor, seed: int) -> DistributionEncoder:
+        """``A.weight = T^T T / d`` with ``T`` the seen classes' template-averaged features and
         ``B.weight = V^T V / d`` with ``V`` their per-dimension template variance.
 
         Biases: ``A``'s start at 0, so ``mu`` starts as the text projection. ``B``'s follow
         ``encoder_bias``: ``template_std`` sets them so ``sigma`` starts at the mean template
         standard deviation (the spread the text itself shows, about 0.01 per dimension for
         the demo); ``pytorch_default`` keeps ``nn.Linear``'s uniform init, as the reference
-        does, so ``sigma`` starts near ``softplus(0) = 0.69``, far wider than the features."""
+        does, so ``sigma`` starts near ``softplus(0) = 0.69``, far wider than the features.
+        A function of its arguments alone: the priors are rebuilt from it, never stored."""
         d = self.dim
         generator = torch.Generator().manual_seed(seed)
         encoder = DistributionEncoder(d)
@@ -233,11 +242,22 @@ class ProbabilisticHead(nn.Module):
                 encoder.std.bias.uniform_(-bound, bound, generator=generator)
             else:
                 raise HeadError(f"unknown encoder_bias {self.encoder_bias!r} (template_std or pytorch_default)")
-        prior = DistributionEncoder(d)
-        prior.load_state_dict(encoder.state_dict())
-        prior.requires_grad_(False)
-        self.encoders.append(encoder)
-        self.prior_encoders.append(prior)
+        return encoder
+
+    def rebuild_priors(self, text_mean: torch.Tensor, text_variance: torch.Tensor, class_task: torch.Tensor,
+                       seed_of_task: Callable[[int], int]) -> None:
+        """Task ``t``'s prior as ``add_task`` made it: from the statistics of the classes seen
+        by task ``t`` (the first rows: classes are added task by task) and that task's seed.
+        A saved head holds no priors (frozen, each as large as a trained encoder: storing them
+        doubled what every task adds to the state); this puts them back, bit for bit on the
+        machine that trained them."""
+        if len(class_task) and (class_task.diff() < 0).any():
+            raise HeadError("class_task must list the classes task by task to rebuild the priors")
+        self.prior_encoders = nn.ModuleList()
+        for t in range(1, self.n_tasks + 1):
+            rows = int((class_task <= t).sum())
+            prior = self.initial_encoder(text_mean[:rows], text_variance[:rows], seed_of_task(t))
+            self.prior_encoders.append(prior.requires_grad_(False))
 
     def distribution(self, x: torch.Tensor, class_task: torch.Tensor, prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu, sigma`` of every class column of ``x [..., C, d]`` from its own task's encoder."""
@@ -283,6 +303,11 @@ class ProbabilisticHead(nn.Module):
         logits = logit_scale * (along[None] + along_noise) / norm
         z_mean = mu.mean(dim=0) + sigma.mean(dim=0) * noise.mean(dim=0)
         return HeadOutput(logits=logits, mu=mu, sigma=sigma, z_mean=z_mean)
+
+
+def task_seed(seed: int, task: int) -> int:
+    """Task ``task``'s seed for its encoder's initialisation and its training draws."""
+    return seed * 1000 + task
 
 
 def inference_noise(seed: int, class_ids: list[int], samples: int, dim: int) -> torch.Tensor:

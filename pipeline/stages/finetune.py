@@ -28,13 +28,14 @@ from pipeline.tracking.runs import Tracker
 def _training_set(cfg: Config, task: int, seen_inputs: list[TaskInputs], sha256: str):
     """What the method trains on at this task (a ``prompts.TrainingSet``, or None): real
     embeddings, or fresh draws from every seen class's generators (the task's index)."""
+    from pipeline.method.head import task_seed
     from pipeline.method.prompts import TrainingSet, real_training_set
     from pipeline.method.replay import ReplayError, ReplaySampler
 
     train_on = cfg.method.train_on
     if train_on == "none":
         return None
-    seed = cfg.seed * 1000 + task
+    seed = task_seed(cfg.seed, task)
     per_class = cfg.method.prompt.per_class_per_epoch
     if train_on in ("current_real", "all_real"):
         chosen = seen_inputs[-1:] if train_on == "current_real" else seen_inputs
@@ -102,17 +103,17 @@ def run_finetune(cfg: Config, task: int) -> dict[str, Any]:
         extra, tensors = {}, {"text_mean": text_mean, "text_variance": text_variance, "class_task": class_task}
         if cfg.method.head is not None:
             from pipeline.method.classifier import head_state
-            from pipeline.method.head import train_with_head
+            from pipeline.method.head import task_seed, train_with_head
 
             # Every seen class's per-template features: the language regulariser of balanced
             # finetuning covers every seen task.
             all_templates = torch.cat([state["template_features"], templates]) if task > 1 else templates
             head = load_head_from_state(cfg, state, previous, previous_path, learner.class_features.shape[1], task - 1)
-            head.add_task(text_mean, text_variance, seed=cfg.seed * 1000 + task)
+            head.add_task(text_mean, text_variance, seed=task_seed(cfg.seed, task))
             if training is not None:
                 losses = train_with_head(
                     learner, head, training, seen, class_task, task, all_templates,
-                    cfg.method.prompt, cfg.method.head, logit_scale, seed=cfg.seed * 1000 + task, log_metric=run.log_metric,
+                    cfg.method.prompt, cfg.method.head, logit_scale, seed=task_seed(cfg.seed, task), log_metric=run.log_metric,
                 )
             extra = {"head_tasks": str(head.n_tasks)}
             tensors.update(head_state(head))

@@ -13,7 +13,9 @@ from pipeline.stages._common import TaskInputError, seen_task_inputs, task_file
 
 
 def load_head_from_state(cfg: Config, state: dict[str, torch.Tensor], info: dict, path: Path, dim: int, expected_tasks: int):
+    """The head of a prompt state, its priors rebuilt (finetuning trains against them)."""
     from pipeline.method.classifier import load_head
+    from pipeline.method.head import task_seed
 
     if "head_tasks" not in info:
         raise TaskInputError(
@@ -23,7 +25,8 @@ def load_head_from_state(cfg: Config, state: dict[str, torch.Tensor], info: dict
     if int(info["head_tasks"]) != expected_tasks:
         raise TaskInputError(f"{path}: the head has {info['head_tasks']} task encoder(s), expected {expected_tasks}")
     settings = cfg.method.head
-    return load_head(state, dim, expected_tasks, settings.std_floor, settings.attention_dropout, settings.encoder_bias)
+    return load_head(state, dim, expected_tasks, settings.std_floor, settings.attention_dropout, settings.encoder_bias,
+                     seed_of_task=lambda task: task_seed(cfg.seed, task))
 
 
 def load_classifier(cfg: Config, task: int, backbone):
