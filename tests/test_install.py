@@ -29,3 +29,14 @@ def test_pip_settings_give_uv_the_same_indexes_wheels_and_constraints():
 
 def test_no_pip_settings_leave_uv_on_its_defaults():
     assert uv_arguments(pip_settings("")) == (["--index-strategy", "unsafe-best-match"], {})
+
+
+def test_the_environment_imports_torch_from_compiled_bytecode():
+    """uv leaves bytecode uncompiled unless asked; with PYTHONDONTWRITEBYTECODE set nothing
+    writes it later, and every stage's process then compiles torch's sources again."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    assert Path(importlib.util.cache_from_source(torch.__file__)).exists()
