@@ -269,6 +269,10 @@ def test_a_saved_head_gets_back_the_priors_it_trained_against(encoder_bias):
         assert rebuilt[0] == original[0] and torch.equal(rebuilt[1], original[1]), rebuilt[0]
     served = load_head(state, DIM, 2, head.std_floor)  # inference needs no prior
     assert len(served.prior_encoders) == 0
+    # A state written when priors were stored still loads (its copies are rebuilt over).
+    older = {**state, **{f"head.{k}": v for k, v in head.state_dict().items() if k.startswith("prior_encoders.")}}
+    again = load_head(older, DIM, 2, head.std_floor, encoder_bias=encoder_bias, seed_of_task=lambda t: task_seed(7, t))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), head.state_dict().values(), strict=True))
 
 
 class _TinyLearner(torch.nn.Module):
