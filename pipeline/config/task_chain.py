@@ -61,10 +61,10 @@ def stage_switches(dataset_name: str, chain: dict) -> dict[str, object]:
     stage): the benchmark embeds whole splits and every class's text once; the stream embeds
     each arriving batch (``intake``: task key -> task number).
 
-    ``intake`` maps each task key to its number, not to a second copy of the chain: DVC reads the whole of
-    params.yaml once per stage that tracks a parameter, so at 100 tasks a copied chain cost
-    about 20 ms per stage and 8 s per ``dvc status``. Its paths follow ``paths`` in dvc.yaml,
-    as ``task_chain``'s stream entries do."""
+    ``intake`` maps each task key to its number, not to a second copy of the chain: DVC
+    reads the whole of params.yaml once per stage that tracks a parameter, so at 100 tasks a
+    copied chain cost 20 ms per such stage and 6 s per ``dvc status``. Its paths follow
+    ``paths`` in dvc.yaml, as ``task_chain``'s stream entries do."""
     stream = mode_of(dataset_name) == "stream"
     return {
         "embed": [] if stream else ["train", "test"],
