@@ -211,7 +211,8 @@ class ProbabilisticHead(nn.Module):
         """A new task's encoder, initialised from the seen classes' text statistics (see
         ``initial_encoder``), and its frozen copy, the task's CLIP-informed prior."""
         encoder = self.initial_encoder(text_mean, text_variance, seed)
-        prior = self.initial_encoder(text_mean, text_variance, seed)
+        prior = DistributionEncoder(self.dim)
+        prior.load_state_dict(encoder.state_dict())
         prior.requires_grad_(False)
         self.encoders.append(encoder)
         self.prior_encoders.append(prior)

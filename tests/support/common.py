@@ -69,12 +69,11 @@ def free_port() -> int:
     return pick()
 
 
-
 @contextmanager
 def inside_project(root: Path) -> Iterator[None]:
-    """Work in ``root`` with a copy of the repo's conf/ as the config (session- and
-    module-scoped project folders, where monkeypatch is not available); restored after."""
-    cwd = os.getcwd()
+    """Work in ``root`` with a copy of the repo's conf/ as the config; the working folder
+    and RECALL_CONF_DIR are restored after (any fixture scope: no monkeypatch needed)."""
+    cwd, conf_dir = os.getcwd(), os.environ.get("RECALL_CONF_DIR")
     os.chdir(root)
     shutil.copytree(REPO / "conf", root / "conf")
     os.environ["RECALL_CONF_DIR"] = str(root / "conf")
@@ -82,4 +81,7 @@ def inside_project(root: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(cwd)
-        os.environ.pop("RECALL_CONF_DIR", None)
+        if conf_dir is None:
+            os.environ.pop("RECALL_CONF_DIR", None)
+        else:
+            os.environ["RECALL_CONF_DIR"] = conf_dir
